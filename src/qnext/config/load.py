@@ -11,6 +11,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -103,6 +104,9 @@ def compose(overrides: Sequence[str] = (), recipes_dir: Path | None = None):
             cfg = hydra_compose(config_name="config", overrides=group_ovs)
     except HydraException as err:
         raise UserError(f"cannot compose the recipe: {err}", hint="check the recipe files under recipes/") from None
+    except yaml.YAMLError as err:
+        where = " ".join(str(err).split())
+        raise UserError(f"a recipe file is not valid YAML: {where}", hint="fix the YAML at that file and line") from None
     finally:
         GlobalHydra.instance().clear()
     return cfg, value_ovs
