@@ -126,7 +126,7 @@ def load_config(overrides: Sequence[str] = (), recipes_dir: Path | None = None) 
         key, val = ov.split("=", 1)
         key = key.lstrip("+~")
         try:
-            OmegaConf.update(merged, key, OmegaConf.create({"v": val}).v if val else val, merge=True, force_add=False)
+            OmegaConf.update(merged, key, _parse_value(val), merge=True, force_add=False)
         except (ConfigKeyError, ValidationError, OmegaConfBaseException) as err:
             raise _key_error(err, recipes_dir, source=f"command-line override '{ov}'") from None
     try:
@@ -135,6 +135,16 @@ def load_config(overrides: Sequence[str] = (), recipes_dir: Path | None = None) 
         raise _key_error(err, recipes_dir, source=None) from None
     assert isinstance(obj, RecipeConfig)
     return obj
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it (null, numbers, booleans, [lists]); else the string."""
+    if text == "":
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _key_error(err: Exception, recipes_dir: Path, source: str | None) -> UserError:
