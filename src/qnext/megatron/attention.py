@@ -1,0 +1,127 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for the TE-free stack.
+
+Drop-in for megatron's ``DotProductAttention`` (same constructor, same forward signature and output
+layout) without its explicit [b*np, sq, sk] score matrix: SDPA picks flash / memory-efficient kernels
+on the GPU. GQA is handed to SDPA (``enable_gqa``), causal masking is built in, and packed sequences
+(``packed_seq_params.qkv_format == 'thd'``) are attended one sample at a time between the
+``cu_seqlens`` boundaries, so no token sees another sample.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """softmax(q k^T * scale + causal mask) v with SDPA; inputs [sq, b, np, hn] or packed [t, np, hn]."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **_unused,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not implement context parallelism; use TE for cp > 1")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError("SDPAttention supports softmax_type='vanilla' only")
+        if getattr(config, "window_size", None) is not None:
+            raise ValueError("SDPAttention does not implement sliding-window attention")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        tp = pg_collection.tp.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.num_heads = divide(config.num_attention_heads, tp)
+        self.num_groups = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
+        if config.apply_query_key_layer_scaling:
+            self.softmax_scale /= self.layer_number
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def _causal(self, attn_mask_type: Optional[AttnMaskType]) -> bool:
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool) -> Tensor:
+        """q [b, np, s, hn], k/v [b, ng, s, hn] -> [b, np, s, hn]."""
+        if mask is not None:
+            # Megatron masks are True where attention is NOT allowed; SDPA wants True = keep.
+            keep = ~mask.bool()
+            if causal:
+                sq, sk = q.shape[-2], k.shape[-2]
+                keep = keep & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+            mask, causal = keep, False
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=causal,
+            scale=self.softmax_scale,
+            enable_gqa=self.num_heads != self.num_groups,
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+        **_unused,
+    ) -> Tensor:
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention_bias")
+        causal = self._causal(attn_mask_type)
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_packed(query, key, value, packed_seq_params, causal)
+        # [s, b, n, hn] -> [b, n, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        out = self._sdpa(q, k, v, attention_mask, causal)
+        # [b, np, sq, hn] -> [sq, b, np*hn]
+        sq, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
+
+    def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, psp, causal: bool) -> Tensor:
+        """query [t, np, hn], key/value [t, ng, hn]; one SDPA per sample between cu_seqlens."""
+        cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
+        cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
+        bounds_q = cu_q.tolist()
+        bounds_k = cu_k.tolist()
+        out = query.new_zeros(query.shape[0], self.num_heads, self.head_dim)
+        for i in range(len(bounds_q) - 1):
+            q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+            if q1 == q0:
+                continue
+            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
+            k = key[k0:k1].transpose(0, 1).unsqueeze(0)
+            v = value[k0:k1].transpose(0, 1).unsqueeze(0)
+            out[q0:q1] = self._sdpa(q, k, v, None, causal)[0].transpose(0, 1)
+        return out.reshape(query.shape[0], self.num_heads * self.head_dim)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return {}  # no parameters (DotProductAttention's only one is the learnable softmax offset)

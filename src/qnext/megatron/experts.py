@@ -1,0 +1,236 @@
+"""Routed MoE experts on one grouped GEMM per projection (TE-free), checkpoint-compatible with
+megatron's ``SequentialMLP``.
+
+``SequentialMLP`` runs a Python loop of small GEMMs, one per local expert: with 512 experts that is
+1024 kernel launches per layer and pass. Here each projection is one
+``torch.nn.functional.grouped_mm`` over all local experts (bf16 on the GPU); elsewhere (CPU, float32,
+unaligned sizes) a loop over experts computes the same function.
+
+Weights live in two 3-D parameters, ``linear_fc1.weight`` [E_local, 2*F/etp, H] (each expert's rows
+are [gate; up], as in megatron's fused SwiGLU fc1) and ``linear_fc2.weight`` [E_local, H, F/etp].
+``sharded_state_dict`` emits, per expert, exactly the ShardedTensors ``SequentialMLP`` emits (same
+keys, global shapes, offsets, replica ids; the fc1 gate/up halves sharded separately over expert-TP),
+so torch_dist checkpoints move freely between this module, ``SequentialMLP`` and ``TEGroupedMLP``.
+Like ``SequentialMLP`` it does no communication: the token dispatcher moves tokens across EP/ETP,
+and expert weights carry ``allreduce=False`` so DDP reduces their grads over the expert-DP group.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.utils import divide
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the fused grouped GEMM applies: CUDA bf16 with 16-byte aligned rows."""
+    return (
+        _GROUPED_MM is not None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.shape[0] > 0
+        and weight.shape[-1] % 8 == 0
+        and weight.shape[-2] % 8 == 0
+    )
+
+
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Rows of ``x`` grouped by expert (``counts[e]`` rows each) times ``weight[e].T`` -> [T, out]."""
+    if offsets is not None and grouped_mm_usable(x, weight):
+        return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+    outs = [F.linear(chunk, weight[e]) for e, chunk in enumerate(torch.split(x, counts))]
+    if not outs:
+        return x.new_zeros(0, weight.shape[-2])
+    return torch.cat(outs, dim=0)
+
+
+class ExpertWeight(nn.Module):
+    """Holds one stacked 3-D expert weight [E_local, out, in] under the name ``weight``."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, *, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
+
+    def extra_repr(self) -> str:
+        e, o, i = self.weight.shape
+        return f"experts={e}, out_features={o}, in_features={i}"
+
+
+class GroupedGemmExperts(MegatronModule):
+    """Drop-in for ``SequentialMLP``: ``forward(tokens sorted by local expert, tokens_per_expert,
+    probs) -> (output, None)``."""
+
+    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None):
+        super().__init__(config=config)
+        if getattr(config, "fp8", None) or getattr(config, "fp4", None):
+            raise ValueError("GroupedGemmExperts has no fp8/fp4 path; use TEGroupedMLP")
+        if config.add_bias_linear:
+            raise ValueError("GroupedGemmExperts implements bias-free experts (Qwen3-Next has none)")
+        if config.moe_latent_size is not None:
+            raise ValueError("GroupedGemmExperts does not implement moe_latent_size")
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        self.num_local_experts = num_local_experts
+        self.ep_group = pg_collection.ep
+        self.tp_group = pg_collection.expt_tp
+        self.dp_group = pg_collection.expt_dp
+        self.glu = bool(config.gated_linear_unit)
+        etp = self.tp_group.size()
+        ffn_local = divide(config.moe_ffn_hidden_size, etp)
+        fc1_out = 2 * ffn_local if self.glu else ffn_local
+        device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
+        kw = dict(dtype=config.params_dtype, device=device)
+        self.linear_fc1 = ExpertWeight(num_local_experts, fc1_out, config.hidden_size, **kw)
+        self.linear_fc2 = ExpertWeight(num_local_experts, config.hidden_size, ffn_local, **kw)
+
+        use_expert_pgs = config.expert_model_parallel_size > 1 or (
+            config.expert_tensor_parallel_size != config.tensor_model_parallel_size
+        )
+        for param, dim, stride in ((self.linear_fc1.weight, 1, 2 if self.glu else 1), (self.linear_fc2.weight, 2, 1)):
+            setattr(param, "tensor_model_parallel", True)
+            setattr(param, "partition_dim", dim)
+            setattr(param, "partition_stride", stride)
+            setattr(param, "allreduce", not use_expert_pgs)
+        if config.perform_initialization:
+            self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        def init_all(weight, init_method):
+            for e in range(weight.shape[0]):
+                init_method(weight[e])
+
+        if self.linear_fc1.weight.is_cuda:
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+
+            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                init_all(self.linear_fc1.weight, self.config.init_method)
+                init_all(self.linear_fc2.weight, self.config.output_layer_init_method)
+        else:
+            init_all(self.linear_fc1.weight, self.config.init_method)
+            init_all(self.linear_fc2.weight, self.config.output_layer_init_method)
+
+    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if not self.glu:
+            return cfg.activation_func(h)
+        x_glu, x_lin = torch.chunk(h, 2, dim=-1)
+        if (val := cfg.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_lin = x_lin.clamp(min=-val, max=val)
+        return cfg.activation_func(x_glu) * (x_lin + cfg.glu_linear_offset)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor):
+        x, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with topk=1"
+            x = (probs.unsqueeze(-1) * x).to(x.dtype)
+            probs = torch.ones_like(probs)
+        if isinstance(tokens_per_expert, torch.Tensor):
+            counts = [int(c) for c in tokens_per_expert.tolist()]
+        else:
+            counts = [int(c) for c in tokens_per_expert]
+        offsets = None
+        if grouped_mm_usable(x, self.linear_fc1.weight):
+            offsets = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+        h = grouped_linear(x, self.linear_fc1.weight, counts, offsets)
+        h = self._activation(h)
+        h = (h * probs.unsqueeze(-1)).to(x.dtype)
+        out = grouped_linear(h, self.linear_fc2.weight, counts, offsets)
+        return out, None
+
+    def backward_dw(self):
+        """Weight grads are computed in the ordinary backward (no delayed wgrad)."""
+
+    # ------------------------------------------------------------------ checkpoint layout
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Per-expert ShardedTensors identical to ``SequentialMLP.sharded_state_dict``'s."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        singleton = bool((metadata or {}).get("singleton_local_shards", False))
+        num_global = self.ep_group.size() * self.num_local_experts
+        first_global = self.ep_group.rank() * self.num_local_experts
+        tp_rank, tp_size = self.tp_group.rank(), self.tp_group.size()
+        dp_rank = self.dp_group.rank()
+        sd = {}
+        for name, tp_axis, split_glu in (("linear_fc1", 0, self.glu), ("linear_fc2", 1, False)):
+            weight = getattr(self, name).weight
+            sd[f"{prefix}{name}.weight"] = _ExpertStackFactory(
+                key=f"{prefix}experts.{name}.weight",
+                data=weight,
+                build_fn=_make_build_fn(
+                    name, tp_axis, split_glu, tuple(sharded_offsets), first_global, num_global, tp_rank, tp_size,
+                    singleton,
+                ),
+                merge_fn=_make_merge_fn(split_glu),
+                replica_id=(0, 0, dp_rank),
+            )
+        return sd
+
+
+class _ExpertStackFactory(ShardedTensorFactory):
+    """A ShardedTensorFactory (only a distinct name for readability in dumps)."""
+
+
+def _make_build_fn(name, tp_axis, split_glu, sharded_offsets, first_global, num_global, tp_rank, tp_size, singleton):
+    suffix = f"{name}.weight"
+
+    @torch.no_grad()
+    def build(key: str, t: torch.Tensor, replica_id, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError("flattened (fully-sharded) expert tensors are not supported")
+        assert key.endswith(suffix), (key, suffix)
+        base = key[: -len(suffix)]  # "...mlp.experts.experts." (optimizer states add their own prefix)
+        out = []
+        for e in range(t.shape[0]):
+            g = first_global + e
+            if singleton:
+                ekey, offsets = f"{base}{g}.{suffix}", tuple(sharded_offsets)
+            else:
+                ekey, offsets = key, (*sharded_offsets, (len(sharded_offsets), g, num_global))
+            prepend = len(offsets)
+            if not split_glu:
+                out.append(
+                    ShardedTensor.from_rank_offsets(
+                        ekey, t[e], *offsets, (tp_axis + prepend, tp_rank, tp_size),
+                        replica_id=replica_id, prepend_axis_num=prepend,
+                    )
+                )
+                continue
+            w, v = torch.chunk(t[e], 2, dim=0)
+            if singleton:
+                parts = ((f"{ekey}_w", w, tp_rank, tp_size), (f"{ekey}_v", v, tp_rank, tp_size))
+            else:
+                parts = ((ekey, w, tp_rank, 2 * tp_size), (ekey, v, tp_rank + tp_size, 2 * tp_size))
+            for k, data, rank, frag in parts:
+                out.append(
+                    ShardedTensor.from_rank_offsets(
+                        k, data, *offsets, (prepend, rank, frag), replica_id=replica_id, prepend_axis_num=prepend
+                    )
+                )
+        return out
+
+    return build
+
+
+def _make_merge_fn(split_glu: bool):
+    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+        if split_glu:
+            experts = [torch.cat((parts[i], parts[i + 1]), dim=0) for i in range(0, len(parts), 2)]
+        else:
+            experts = list(parts)
+        return torch.stack(experts, dim=0)
+
+    return merge
