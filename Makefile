@@ -20,3 +20,19 @@ test: ## run the CPU test suite (what CI runs)
 .PHONY: test-gpu
 test-gpu: ## run the GPU tests (needs CUDA GPUs)
 	$(PY) -m pytest -q -m gpu tests
+
+.PHONY: patch
+patch: ## apply the patches in patches/ whose rule matches this machine (idempotent; reports each)
+	$(PY) -m qnext.patches apply
+
+.PHONY: unpatch
+unpatch: ## revert every patch in patches/ to the pinned wheels' files (hash-checked)
+	$(PY) -m qnext.patches revert
+
+.PHONY: doctor
+doctor: ## versions, known-bad table, fast kernel parity (<60 s), NCCL all-reduce; non-zero exit on failure
+	$(PY) -m qnext.doctor $(if $(RECIPE),--recipe $(RECIPE))
+
+.PHONY: bench-kernels
+bench-kernels: ## time + parity tables for attention, MoE experts, GDN (GPU); writes benchmarks/results/
+	$(PY) benchmarks/kernels.py

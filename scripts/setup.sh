@@ -28,7 +28,6 @@ fi
 "$venv/bin/python" -m pip install -q --upgrade pip uv
 echo "[setup] installing pinned dependencies into $venv"
 "$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q -e ".[test]"
-if [ -f scripts/patch.py ]; then
-  "$venv/bin/python" scripts/patch.py apply
-fi
+echo "[setup] applying the patches whose rule matches this machine (patches/rules.toml)"
+"$venv/bin/python" -m qnext.patches apply
 echo "[setup] done: activate with 'source $venv/bin/activate'"
