@@ -5,6 +5,7 @@ when there is none), then megatron's model-parallel groups and, on GPUs, its RNG
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from typing import Any
@@ -60,3 +61,26 @@ def destroy_parallel() -> None:
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def construction_device(device: str = "cpu"):
+    """Build megatron modules without a GPU (tests, manifests): ``device`` is ``cpu`` or ``meta``.
+
+    megatron-core's GDN allocates on ``torch.cuda.current_device()`` unconditionally; inside this
+    context that call answers ``device`` and tensors created without a device land there too.
+    Combine with ``use_cpu_initialization=True, perform_initialization=False`` and the
+    ``allgather`` token dispatcher (the all-to-all one creates a CUDA stream).
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: device  # type: ignore[assignment]
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]
+
+
+CPU_BUILD_OVERRIDES = dict(
+    use_cpu_initialization=True, perform_initialization=False, moe_token_dispatcher_type="allgather"
+)

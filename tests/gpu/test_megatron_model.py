@@ -1,0 +1,224 @@
+"""GPU checks of the Megatron Qwen3-Next model (TE-free stack), one process, a world of one.
+
+- grouped-GEMM experts == megatron's SequentialMLP (outputs and grads, bf16 tolerance);
+- the tiny model runs forward and backward;
+- with HF weights copied in directly (an independent oracle, not the converter), the logits equal
+  HF transformers' Qwen3NextForCausalLM on the same tokens.
+
+Run: ``pytest -q -m gpu tests/gpu/test_megatron_model.py`` (prints the numbers it compares).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "models/tiny_qwen3_next/config.json"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.fixture(scope="module")
+def world():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from qnext.megatron.parallel import initialize_parallel
+
+    initialize_parallel()
+    yield
+    # groups stay up for the remaining tests of the session; destroyed at exit
+
+
+# ------------------------------------------------------------------------------------ experts
+def _expert_pair(dtype, num_experts=16, hidden=256, ffn=128):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from qnext.megatron.config import hf_to_transformer_config
+    from qnext.megatron.experts import GroupedGemmExperts
+
+    cfg = json.loads(TINY.read_text())
+    cfg.update(hidden_size=hidden, moe_intermediate_size=ffn, num_experts=num_experts)
+    tc = hf_to_transformer_config(cfg, None, dtype).config
+    pgs = get_default_pg_collection()
+    seq = SequentialMLP(
+        num_experts, tc, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+        pg_collection=pgs,
+    ).cuda()
+    grp = GroupedGemmExperts(num_experts, tc, pg_collection=pgs).cuda()
+    with torch.no_grad():
+        for e, mlp in enumerate(seq.local_experts):
+            grp.linear_fc1.weight[e].copy_(mlp.linear_fc1.weight)
+            grp.linear_fc2.weight[e].copy_(mlp.linear_fc2.weight)
+    return seq, grp
+
+
+def _routed_inputs(num_experts, hidden, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 40, (num_experts,), generator=g)
+    counts[1] = 0  # an expert without tokens
+    counts[-1] = 0
+    t = int(counts.sum())
+    x = torch.randn(t, hidden, generator=g).to(dtype).cuda()
+    probs = torch.rand(t, generator=g).cuda()
+    return x, counts, probs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_experts_match_sequential(world, dtype):
+    seq, grp = _expert_pair(dtype)
+    x, counts, probs = _routed_inputs(16, 256, dtype)
+    outs, grads = {}, {}
+    for name, mod in (("sequential", seq), ("grouped", grp)):
+        xi = x.clone().requires_grad_(True)
+        out, bias = mod(xi, counts.clone(), probs)
+        assert bias is None
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype).cuda()
+        out.backward(gout)
+        outs[name] = out.detach()
+        if name == "sequential":
+            w1 = torch.stack([m.linear_fc1.weight.grad for m in mod.local_experts])
+            w2 = torch.stack([m.linear_fc2.weight.grad for m in mod.local_experts])
+        else:
+            w1, w2 = mod.linear_fc1.weight.grad, mod.linear_fc2.weight.grad
+        grads[name] = {"x": xi.grad, "fc1": w1, "fc2": w2}
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    errs = {"out": rel(outs["grouped"], outs["sequential"])}
+    errs.update({k: rel(grads["grouped"][k], grads["sequential"][k]) for k in ("x", "fc1", "fc2")})
+    print(f"grouped vs sequential ({dtype}):", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert all(v < tol for v in errs.values()), errs
+
+
+# ------------------------------------------------------------------------------------ model
+def _tiny_model(dtype, **overrides):
+    from qnext.megatron.model import build_model
+
+    return build_model(TINY, None, dtype, use_te=False, config_overrides=overrides or None)
+
+
+@pytest.mark.parametrize("gdn_kernel", ["fla", "torch"])
+def test_tiny_model_forward_backward(world, gdn_kernel):
+    overrides = {"deterministic_mode": True} if gdn_kernel == "torch" else {}
+    model = _tiny_model(torch.bfloat16, **overrides)
+    model.train()
+    tokens = torch.randint(0, 151936, (2, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    pos = torch.arange(64, device="cuda").unsqueeze(0).expand(2, 64)
+    loss = model(tokens, pos, None, labels=tokens.roll(-1, 1))
+    assert loss.shape == (2, 64) and torch.isfinite(loss).all()
+    try:
+        loss.float().mean().backward()
+    except Exception as err:  # fla's gated backward is refused on Hopper with Triton [3.4, 3.7.1)
+        if gdn_kernel == "fla" and "incorrect results" in str(err):
+            pytest.skip(f"fla backward refused here: {str(err)[:200]}")
+        raise
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    print(f"{gdn_kernel}: loss {loss.float().mean().item():.4f}, {len(grads)} params with grads")
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert any("mlp.experts.linear_fc1" in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert any("self_attention.in_proj" in n and g.abs().sum() > 0 for n, g in grads.items())
+
+
+# ------------------------------------------------------------------------------------ HF oracle
+def hf_to_megatron_tp1(hf_sd: dict, cfg: dict) -> dict:
+    """Independent oracle of the weight mapping at TP=EP=PP=1 (in-memory names on both sides)."""
+    out = {
+        "embedding.word_embeddings.weight": hf_sd["model.embed_tokens.weight"],
+        "output_layer.weight": hf_sd["lm_head.weight"],
+        "decoder.final_layernorm.weight": hf_sd["model.norm.weight"],
+    }
+    nk, dk = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"]
+    nv, dv = cfg["linear_num_value_heads"], cfg["linear_value_head_dim"]
+    r = nv // nk
+    nh, ng, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    hidden = cfg["hidden_size"]
+    interval = cfg["full_attention_interval"]
+    for i in range(cfg["num_hidden_layers"]):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = hf_sd[h + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf_sd[h + "post_attention_layernorm.weight"]
+        if (i + 1) % interval:  # Gated DeltaNet
+            a = h + "linear_attn."
+            qkvz = hf_sd[a + "in_proj_qkvz.weight"].view(nk, 2 * dk + 2 * r * dv, hidden)
+            q, k, v, z = torch.split(qkvz, [dk, dk, r * dv, r * dv], dim=1)
+            ba = hf_sd[a + "in_proj_ba.weight"].view(nk, 2 * r, hidden)
+            b, al = torch.split(ba, [r, r], dim=1)
+            out[m + "self_attention.in_proj.weight"] = torch.cat(
+                [t.reshape(-1, hidden) for t in (q, k, v, z, b, al)], dim=0
+            )
+            out[m + "self_attention.conv1d.weight"] = hf_sd[a + "conv1d.weight"]
+            out[m + "self_attention.A_log"] = hf_sd[a + "A_log"]
+            out[m + "self_attention.dt_bias"] = hf_sd[a + "dt_bias"]
+            out[m + "self_attention.out_norm.weight"] = hf_sd[a + "norm.weight"] - 1.0
+            out[m + "self_attention.out_proj.weight"] = hf_sd[a + "out_proj.weight"]
+        else:  # gated attention
+            a = h + "self_attn."
+            qg = hf_sd[a + "q_proj.weight"].view(ng, nh // ng, 2, hd, hidden)
+            k = hf_sd[a + "k_proj.weight"].view(ng, 1, hd, hidden)
+            v = hf_sd[a + "v_proj.weight"].view(ng, 1, hd, hidden)
+            q, gate = qg[:, :, 0], qg[:, :, 1]
+            out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, gate, k, v], dim=1).reshape(-1, hidden)
+            out[m + "self_attention.q_layernorm.weight"] = hf_sd[a + "q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf_sd[a + "k_norm.weight"]
+            out[m + "self_attention.linear_proj.weight"] = hf_sd[a + "o_proj.weight"]
+        e = h + "mlp."
+        out[m + "mlp.router.weight"] = hf_sd[e + "gate.weight"]
+        out[m + "mlp.experts.linear_fc1.weight"] = hf_sd[e + "experts.gate_up_proj"]  # [E, 2F, H]: [gate; up]
+        out[m + "mlp.experts.linear_fc2.weight"] = hf_sd[e + "experts.down_proj"]
+        out[m + "mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+            [hf_sd[e + "shared_expert.gate_proj.weight"], hf_sd[e + "shared_expert.up_proj.weight"]]
+        )
+        out[m + "mlp.shared_experts.linear_fc2.weight"] = hf_sd[e + "shared_expert.down_proj.weight"]
+        out[m + "mlp.shared_experts.gate_weight"] = hf_sd[e + "shared_expert_gate.weight"]
+    return out
+
+
+def _random_hf_model(cfg: dict, seed: int = 0):
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    torch.manual_seed(seed)
+    hf = Qwen3NextForCausalLM(Qwen3NextConfig(**cfg)).float()
+    with torch.no_grad():  # norms away from their init so the (1 + w) conventions matter
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif p.dim() >= 2 and p.std() == 0:
+                p.normal_(0, 0.02)
+    return hf.cuda().eval()
+
+
+def test_megatron_matches_hf_oracle(world):
+    cfg = json.loads(TINY.read_text())
+    hf32 = _random_hf_model(cfg)
+    hf_sd = {k: v.detach() for k, v in hf32.state_dict().items()}
+    tokens = torch.randint(0, cfg["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(1)).cuda()
+    pos = torch.arange(48, device="cuda").unsqueeze(0).expand(2, 48)
+    with torch.no_grad():
+        ref32 = hf32(tokens).logits.float()
+        hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+        ref16 = hf16(tokens).logits.float()
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _tiny_model(dtype)
+        mapped = hf_to_megatron_tp1(hf_sd, cfg)
+        missing = model.load_state_dict({k: v.to(dtype) for k, v in mapped.items()}, strict=False)
+        assert not [k for k in missing.missing_keys if not k.endswith("_extra_state")], missing.missing_keys
+        assert not missing.unexpected_keys, missing.unexpected_keys
+        model.eval()
+        with torch.no_grad():
+            logits = model(tokens, pos, None).float()
+        results[str(dtype)] = {"vs_hf_fp32": rel(logits, ref32), "vs_hf_bf16": rel(logits, ref16)}
+    results["hf_bf16_vs_hf_fp32"] = rel(ref16, ref32)
+    print("megatron vs HF (rel L2):", json.dumps(results, indent=1))
+    assert results["torch.float32"]["vs_hf_fp32"] < 5e-3, results
+    assert results["torch.bfloat16"]["vs_hf_fp32"] < max(3 * results["hf_bf16_vs_hf_fp32"], 2e-2), results
