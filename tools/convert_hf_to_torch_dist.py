@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""HF Qwen3-Next safetensors -> Megatron torch_dist checkpoint, on CPU, streaming.
+
+  python tools/convert_hf_to_torch_dist.py --hf /path/Qwen3-Next-80B-A3B-Instruct --out ckpt/qwen3-next-80b
+  make convert HF=/path/Qwen3-Next-80B-A3B-Instruct OUT=ckpt/qwen3-next-80b [ARGS="--dtype bf16"]
+
+The output is a Megatron "release" checkpoint: ``--load <out>`` (Megatron-LM, slime) reads it at
+any TP/EP/ETP/PP. ``<out>/hf/`` keeps config, tokenizer and the original shard layout for export.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qnext.errors import cli_main  # noqa: E402
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors + index + config.json)")
+    ap.add_argument("--out", required=True, help="output checkpoint directory (created; must be empty or new)")
+    ap.add_argument("--dtype", default="keep", help="keep (default: as stored) | bf16 | fp16 | fp32")
+    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed job cleans up its partial output
+
+    from qnext.convert import convert_hf_to_torch_dist
+
+    convert_hf_to_torch_dist(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
