@@ -8,16 +8,21 @@ kind=${1:?usage: gpu_records.sh KIND [OUTDIR]}
 out=${2:-${OUT:-benchmarks/results}}
 py=${PY:-python3}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
 log="$out/records-$kind.log"
 step() { echo "=== $(date -u +%FT%TZ) $*" | tee -a "$log"; }
 timed() { local t0=$SECONDS; "$@"; local rc=$?; echo "--- exit $rc after $((SECONDS - t0)) s: $*"; return $rc; }
+# make TARGET, or the command the Makefile runs for it where make is missing
+mk() {
+  if command -v make >/dev/null; then make "$1" PY="$py"; return; fi
+  case $1 in patch) "$py" -m qnext.patches apply ;; doctor) PYTHONPATH="$PWD/src:${PYTHONPATH:-}" "$py" -m qnext.doctor ;; esac
+}
 
 step "nvidia-smi"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
 step "make patch (applies matching patches, runs the GDN parity that enables the Hopper fix)"
-timed make patch PY="$py" 2>&1 | tee -a "$log"
+timed mk patch 2>&1 | tee -a "$log"
 step "make doctor"
-timed make doctor PY="$py" 2>&1 | tee "$out/doctor-$kind.txt" | tee -a "$log" | tail -3
+timed mk doctor 2>&1 | tee "$out/doctor-$kind.txt" | tee -a "$log" | tail -3
 step "kernel benchmarks"
 timed "$py" benchmarks/kernels.py --out "$out" 2>&1 | grep -v '^{' | tee -a "$log" | tail -40
 step "full parity suite"
