@@ -77,8 +77,12 @@ def _routed_inputs(num_experts, hidden, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_grouped_experts_match_sequential(world, dtype):
+    from qnext.megatron.experts import grouped_mm_usable
+
     seq, grp = _expert_pair(dtype)
     x, counts, probs = _routed_inputs(16, 256, dtype)
+    # bf16 on the GPU must take the fused grouped GEMM (float32 takes the per-expert loop)
+    assert grouped_mm_usable(x, grp.linear_fc1.weight) == (dtype == torch.bfloat16)
     outs, grads = {}, {}
     for name, mod in (("sequential", seq), ("grouped", grp)):
         xi = x.clone().requires_grad_(True)

@@ -8,8 +8,9 @@ unaligned sizes) a loop over experts computes the same function.
 
 Weights live in two 3-D parameters, ``linear_fc1.weight`` [E_local, 2*F/etp, H] (each expert's rows
 are [gate; up], as in megatron's fused SwiGLU fc1) and ``linear_fc2.weight`` [E_local, H, F/etp].
-``sharded_state_dict`` emits, per expert, exactly the ShardedTensors ``SequentialMLP`` emits (same
-keys, global shapes, offsets, replica ids; the fc1 gate/up halves sharded separately over expert-TP),
+``sharded_state_dict`` emits, per expert, exactly the ShardedTensors and (empty) ``_extra_state``
+ShardedObjects ``SequentialMLP`` emits (same keys, global shapes, offsets, replica ids; the fc1
+gate/up halves sharded separately over expert-TP),
 so torch_dist checkpoints move freely between this module, ``SequentialMLP`` and ``TEGroupedMLP``.
 Like ``SequentialMLP`` it does no communication: the token dispatcher moves tokens across EP/ETP,
 and expert weights carry ``allreduce=False`` so DDP reduces their grads over the expert-DP group.
@@ -24,7 +25,7 @@ from torch import nn
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_object_for_checkpoint
 from megatron.core.utils import divide
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -61,6 +62,13 @@ class ExpertWeight(nn.Module):
     def __init__(self, num_experts: int, out_features: int, in_features: int, *, dtype, device):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
+
+    def get_extra_state(self) -> None:
+        """Like megatron's local linears: an (empty) extra state, so checkpoints match SequentialMLP's."""
+        return None
+
+    def set_extra_state(self, state) -> None:
+        """Extra state (None per expert, or TE's fp8 metadata) carries nothing this module uses."""
 
     def extra_repr(self) -> str:
         e, o, i = self.weight.shape
@@ -177,6 +185,17 @@ class GroupedGemmExperts(MegatronModule):
                 merge_fn=_make_merge_fn(split_glu),
                 replica_id=(0, 0, dp_rank),
             )
+            # One (empty) extra-state object per expert, keyed like SequentialMLP's linears'.
+            objects = []
+            for e in range(self.num_local_experts):
+                g = first_global + e
+                if singleton:
+                    okey, offsets = f"{prefix}experts.{g}.{name}._extra_state", tuple(sharded_offsets)
+                else:
+                    okey = f"{prefix}experts.{name}._extra_state"
+                    offsets = (*sharded_offsets, (len(sharded_offsets), g, num_global))
+                objects.append(make_sharded_object_for_checkpoint(None, okey, offsets, replica_id=(0, tp_rank, dp_rank)))
+            sd[f"{prefix}{name}._extra_state"] = objects
         return sd
 
 

@@ -87,8 +87,9 @@ def model_manifest_without_gpu(hf_config: Any, dtype: torch.dtype = torch.bfloat
     return sharded_manifest(model)
 
 
-def compare_manifests(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable differences in tensor keys, global shapes and dtypes (empty list = equal)."""
+def compare_manifests(expected: dict[str, Any], actual: dict[str, Any], *, objects: bool = False) -> list[str]:
+    """Human-readable differences in tensor keys, global shapes and dtypes (empty list = equal);
+    with ``objects`` also in the ShardedObject keys (``common_state`` aside: only saves have it)."""
     exp = {r["key"]: r for r in expected["tensors"]}
     act = {r["key"]: r for r in actual["tensors"]}
     problems = [f"missing tensor {k}" for k in sorted(exp.keys() - act.keys())]
@@ -97,6 +98,11 @@ def compare_manifests(expected: dict[str, Any], actual: dict[str, Any]) -> list[
         for field in ("global_shape", "dtype"):
             if exp[k][field] != act[k][field]:
                 problems.append(f"{k}: {field} {act[k][field]} != expected {exp[k][field]}")
+    if objects:
+        eo = set(expected.get("objects", [])) - {"common_state"}
+        ao = set(actual.get("objects", [])) - {"common_state"}
+        problems += [f"missing object {k}" for k in sorted(eo - ao)]
+        problems += [f"unexpected object {k}" for k in sorted(ao - eo)]
     return problems
 
 

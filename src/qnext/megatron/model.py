@@ -96,6 +96,10 @@ def build_model(
         **args.gpt_kwargs(),
         **extra,
     )
+    if torch.cuda.is_available() and not args.config.use_cpu_initialization:
+        # Some parameters (the shared-expert gate) are created on the CPU and moved with the model,
+        # as megatron.training's get_model does right after calling the provider.
+        model.cuda(torch.cuda.current_device())
     model.qnext_backend = backend
     logger.info(
         "built Qwen3-Next GPTModel (%s back end, pp rank %d: %d layers, %.1fM params on this rank)",
