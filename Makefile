@@ -36,3 +36,17 @@ doctor: ## versions, known-bad table, fast kernel parity (<60 s), NCCL all-reduc
 .PHONY: bench-kernels
 bench-kernels: ## time + parity tables for attention, MoE experts, GDN (GPU); writes benchmarks/results/
 	$(PY) benchmarks/kernels.py
+
+.PHONY: convert
+convert: ## HF checkpoint -> Megatron torch_dist on CPU: make convert HF=<hf dir> OUT=<dir> [ARGS="--dtype bf16 --overwrite"]
+	@test -n "$(HF)" -a -n "$(OUT)" || { echo 'usage: make convert HF=<hf checkpoint dir> OUT=<output dir> [ARGS="--dtype bf16"]' >&2; exit 2; }
+	$(PY) tools/convert_hf_to_torch_dist.py --hf "$(HF)" --out "$(OUT)" $(ARGS)
+
+.PHONY: export
+export: ## torch_dist -> HF safetensors (original names/sharding): make export CKPT=<dir> OUT=<dir> [ARGS="--like <hf dir>"]
+	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo 'usage: make export CKPT=<torch_dist checkpoint> OUT=<output dir> [ARGS="--like <original hf dir>"]' >&2; exit 2; }
+	$(PY) tools/convert_torch_dist_to_hf.py --ckpt "$(CKPT)" --out "$(OUT)" $(ARGS)
+
+.PHONY: model-args
+model-args: ## regenerate models/<name>.sh (Megatron-LM / slime MODEL_ARGS) from models/*/config.json
+	$(PY) tools/gen_model_args.py
