@@ -15,25 +15,41 @@ import io
 import math
 import os
 import pickle
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
 
 from ..errors import UserError
 
 METADATA_FILE = ".metadata"
 DCP_VERSION = "1.0.0"  # torch.distributed.checkpoint.filesystem.CURRENT_DCP_VERSION in torch 2.11
+
+_prefetch: threading.Thread | None = None
+
+
+def prefetch_dcp_import() -> None:
+    """Import torch.distributed.checkpoint in a background thread. It pulls in DTensor and sympy
+    (about 5 s on a small CPU); the writer needs its classes only for ``.metadata`` at the end,
+    and the conversion itself waits on I/O, so the import overlaps with useful work."""
+    global _prefetch
+    if _prefetch is None:
+        import importlib
+
+        _prefetch = threading.Thread(target=importlib.import_module, args=("torch.distributed.checkpoint",),
+                                     name="dcp-import", daemon=True)
+        _prefetch.start()
+
+
+def _dcp():
+    if _prefetch is not None:
+        _prefetch.join()
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+
+    return fs, md
 
 
 class DcpWriter:
@@ -42,18 +58,17 @@ class DcpWriter:
     def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._tensors: dict[str, TensorStorageMetadata] = {}
-        self._objects: dict[str, BytesStorageMetadata] = {}
-        self._storage: dict[MetadataIndex, _StorageInfo] = {}
+        # plain records until finish() (the DCP classes are imported late, see prefetch_dcp_import)
+        self._tensors: dict[str, tuple[tuple[int, ...], torch.dtype, list[tuple[tuple[int, ...], tuple[int, ...]]]]] = {}
+        self._objects: list[str] = []
+        self._storage: list[tuple[str, tuple[int, ...] | None, str, int, int]] = []
         self._covered: dict[str, int] = {}
         self._file = None
         self._file_name = ""
         self.bytes_written = 0
 
     def declare(self, key: str, global_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        self._tensors[key] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=dtype), size=torch.Size(global_shape), chunks=[]
-        )
+        self._tensors[key] = (tuple(global_shape), dtype, [])
         self._covered[key] = 0
 
     def open(self, file_name: str) -> None:
@@ -63,19 +78,19 @@ class DcpWriter:
         self._file = open(self.dir / file_name, "wb")
 
     def add_chunk(self, key: str, offset: tuple[int, ...], tensor: torch.Tensor) -> None:
-        md = self._tensors[key]
-        if tensor.dtype != md.properties.dtype:
-            raise AssertionError(f"{key}: chunk dtype {tensor.dtype}, declared {md.properties.dtype}")
-        if len(offset) != len(md.size) or any(o + s > g for o, s, g in zip(offset, tensor.shape, md.size)):
-            raise AssertionError(f"{key}: chunk {list(tensor.shape)} at {list(offset)} outside {list(md.size)}")
+        size, dtype, chunks = self._tensors[key]
+        if tensor.dtype != dtype:
+            raise AssertionError(f"{key}: chunk dtype {tensor.dtype}, declared {dtype}")
+        if len(offset) != len(size) or any(o + s > g for o, s, g in zip(offset, tensor.shape, size)):
+            raise AssertionError(f"{key}: chunk {list(tensor.shape)} at {list(offset)} outside {list(size)}")
         t = tensor.detach().contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()  # torch.save writes the whole storage of a view
         begin = self._file.tell()
         torch.save(t, self._file)
         length = self._file.tell() - begin
-        md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offset), sizes=t.shape))
-        self._storage[MetadataIndex(key, offset)] = _StorageInfo(self._file_name, begin, length)
+        chunks.append((tuple(offset), tuple(t.shape)))
+        self._storage.append((key, tuple(offset), self._file_name, begin, length))
         self._covered[key] += t.numel()
         self.bytes_written += length
 
@@ -84,8 +99,8 @@ class DcpWriter:
         torch.save([obj], buf)
         begin = self._file.tell()
         self._file.write(buf.getbuffer())
-        self._objects[unique_key] = BytesStorageMetadata()
-        self._storage[MetadataIndex(unique_key)] = _StorageInfo(self._file_name, begin, self._file.tell() - begin)
+        self._objects.append(unique_key)
+        self._storage.append((unique_key, None, self._file_name, begin, self._file.tell() - begin))
 
     def close_file(self) -> None:
         if self._file is not None:
@@ -94,18 +109,27 @@ class DcpWriter:
             self._file.close()
             self._file = None
 
-    def finish(self) -> Metadata:
+    def finish(self):
         """Check every declared tensor is fully covered, then write ``.metadata`` atomically."""
         self.close_file()
-        for key, md in self._tensors.items():
-            if self._covered[key] != math.prod(md.size):
-                raise AssertionError(f"{key}: chunks cover {self._covered[key]} of {math.prod(md.size)} elements")
-        meta = Metadata(
-            state_dict_metadata={**self._tensors, **self._objects},
-            planner_data={},
-            storage_data=self._storage,
-            version=DCP_VERSION,
-        )
+        for key, (size, _, _) in self._tensors.items():
+            if self._covered[key] != math.prod(size):
+                raise AssertionError(f"{key}: chunks cover {self._covered[key]} of {math.prod(size)} elements")
+        fs, md = _dcp()
+        entries: dict[str, Any] = {
+            key: md.TensorStorageMetadata(
+                properties=md.TensorProperties(dtype=dtype),
+                size=torch.Size(size),
+                chunks=[md.ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s in chunks],
+            )
+            for key, (size, dtype, chunks) in self._tensors.items()
+        }
+        entries.update({key: md.BytesStorageMetadata() for key in self._objects})
+        storage = {
+            md.MetadataIndex(key, offset): fs._StorageInfo(rel, begin, length)
+            for key, offset, rel, begin, length in self._storage
+        }
+        meta = md.Metadata(state_dict_metadata=entries, planner_data={}, storage_data=storage, version=DCP_VERSION)
         tmp = self.dir / f"{METADATA_FILE}.tmp"
         with open(tmp, "wb") as f:
             pickle.dump(meta, f)
@@ -115,7 +139,7 @@ class DcpWriter:
         return meta
 
 
-def read_metadata(directory: str | os.PathLike) -> Metadata:
+def read_metadata(directory: str | os.PathLike):
     path = Path(directory) / METADATA_FILE
     if not path.is_file():
         raise UserError(f"{directory} has no {METADATA_FILE}: not a complete torch_dist checkpoint",
@@ -140,16 +164,19 @@ class DcpReader:
         self._cached = 0
         self._files: dict[str, Any] = {}
 
-    def tensors(self) -> dict[str, TensorStorageMetadata]:
-        return {k: v for k, v in self.meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+    def tensors(self) -> dict[str, Any]:
+        """key -> TensorStorageMetadata (``.size``, ``.properties.dtype``, ``.chunks``)."""
+        _, md = _dcp()
+        return {k: v for k, v in self.meta.state_dict_metadata.items() if isinstance(v, md.TensorStorageMetadata)}
 
     def objects(self) -> list[str]:
-        return [k for k, v in self.meta.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
+        _, md = _dcp()
+        return [k for k, v in self.meta.state_dict_metadata.items() if isinstance(v, md.BytesStorageMetadata)]
 
     def read(self, key: str, offset: tuple[int, ...] | None = None,
              shape: tuple[int, ...] | None = None) -> torch.Tensor:
         md = self.meta.state_dict_metadata.get(key)
-        if not isinstance(md, TensorStorageMetadata):
+        if not hasattr(md, "chunks"):
             raise UserError(f"checkpoint {self.dir} has no tensor {key}",
                             hint="is it a Qwen3-Next torch_dist checkpoint of this config?")
         gshape = tuple(md.size)
@@ -177,7 +204,7 @@ class DcpReader:
         if ck in self._cache:
             self._cache.move_to_end(ck)
             return self._cache[ck]
-        info = self.meta.storage_data[MetadataIndex(key, offset)]
+        info = self.meta.storage_data[_dcp()[1].MetadataIndex(key, offset)]
         if getattr(info, "transform_descriptors", None):
             raise UserError(f"{key}: stored with transforms {info.transform_descriptors}, not supported",
                             hint="save the checkpoint without DCP storage extensions")

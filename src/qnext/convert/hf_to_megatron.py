@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..fsutil import atomic_dir, ensure_empty_output_dir
 from ..models.qwen3_next import MODEL_TYPE, build_weight_map, mtp_layers_in
 from ..models.weight_map import Mapping
-from .dcp_io import DcpWriter
+from .dcp_io import DcpWriter, prefetch_dcp_import
 from .megatron_dir import (
     HF_META,
     RELEASE,
@@ -193,6 +193,7 @@ def convert_hf_to_torch_dist(
     ``out/hf/`` (config, tokenizer, original shard layout) so that export needs nothing else.
     """
     t0 = time.perf_counter()
+    prefetch_dcp_import()
     hf_dir, out = Path(hf_dir), Path(out)
     target = parse_dtype(dtype)
     _check_paths(hf_dir, out)
