@@ -4,7 +4,9 @@ through megatron-core's own dist_checkpointing at TP1, TP2, EP2 and PP2 (gloo ra
 After each load every ShardedTensor of ``model.sharded_state_dict()`` (megatron's own statement of
 which global region each rank's parameter holds, SwiGLU and GDN splits included) must equal that
 region of the checkpoint, and TP1 must also equal the HF tensors pushed through the weight map.
-Slow (two processes importing megatron): about a minute on 2 cores.
+The TP2 model is then saved by megatron-core's own torch_dist save (its two CUDA calls answered for
+the CPU), and that checkpoint exports back to the original HF files bit for bit.
+Slow (two processes importing megatron): one to two minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -31,7 +33,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_rank(rank: int, world: int, port: int, ckpt: str, cfg: dict, layouts: list[dict]) -> None:
+def _megatron_save_on_cpu(model, path: str) -> None:
+    """megatron-core's own save; its strategy calls torch.cuda.synchronize/current_device."""
+    from qnext.megatron.model import save_torch_dist
+
+    sync, current = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize, torch.cuda.current_device = (lambda *a, **k: None), (lambda: "cpu")
+    try:
+        save_torch_dist(model, path)
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = sync, current
+
+
+def _check_rank(rank: int, world: int, port: int, ckpt: str, cfg: dict, layouts: list[dict],
+                save_tp2_to: str | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     sys.path.insert(0, str(REPO / "src"))
@@ -75,6 +90,10 @@ def _check_rank(rank: int, world: int, port: int, ckpt: str, cfg: dict, layouts:
             checked += 1
         assert checked > 10
         print(f"{layout} rank {rank}: {checked} sharded tensors match", flush=True)
+        if save_tp2_to and layout == dict(tp=2):
+            _megatron_save_on_cpu(model, f"{save_tp2_to}/iter_0000007")
+            if rank == 0:
+                Path(save_tp2_to, "latest_checkpointed_iteration.txt").write_text("7")
     ps.destroy_model_parallel()
     torch.distributed.destroy_process_group()
 
@@ -118,9 +137,17 @@ def test_tp1_load_equals_hf_through_the_weight_map(converted):
             assert torch.equal(reader.read(piece.key, piece.offset, piece.shape), t), piece.key
 
 
-def test_tp2_ep2_pp2_loads_match_the_checkpoint(converted):
+def test_tp2_ep2_pp2_loads_match_the_checkpoint_and_a_megatron_save_exports_back(converted, tmp_path):
     import torch.multiprocessing as mp
 
-    _, ckpt, cfg = converted
-    port = _free_port()
-    mp.spawn(_check_rank, args=(2, port, str(ckpt), cfg, LAYOUTS), nprocs=2, join=True)
+    from qnext.convert import copy_hf_meta, export_torch_dist_to_hf
+    from test_convert_roundtrip import assert_bit_identical
+
+    hf, ckpt, cfg = converted
+    saved = tmp_path / "megatron_save"
+    mp.spawn(_check_rank, args=(2, _free_port(), str(ckpt), cfg, LAYOUTS, str(saved)), nprocs=2, join=True)
+    assert sorted(p.name for p in (saved / "iter_0000007").iterdir())[:3] == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    copy_hf_meta(ckpt, saved)  # what a training run does with the converted checkpoint's hf/
+    # the model has no MTP block, so its save has none: --like copies mtp.* from the original
+    export_torch_dist_to_hf(saved, tmp_path / "hf", like=hf, progress=False, log=None)
+    assert_bit_identical(hf, tmp_path / "hf")
