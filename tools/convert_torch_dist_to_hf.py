@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output HF directory (created; must be empty or new)")
     ap.add_argument("--like", default=None, help="original HF checkpoint: reproduce its shard names and assignment")
     ap.add_argument("--hf-meta", default=None, help="directory with config.json + tokenizer (default: <ckpt>/hf)")
-    ap.add_argument("--dtype", default="keep", help="keep (default: as stored) | bf16 | fp16 | fp32")
+    ap.add_argument("--dtype", default="keep",
+                    help="keep (default: each tensor in its original HF dtype, else as stored) | bf16 | fp16 | fp32")
     ap.add_argument("--max-shard-size", default=None, type=_size,
                     help="size-based shards of at most this size (e.g. 5GB) instead of the original layout")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")

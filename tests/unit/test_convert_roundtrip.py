@@ -102,9 +102,18 @@ def test_dtype_option_casts(hf_ckpt, tmp_path):
     convert_hf_to_torch_dist(hf_ckpt, tmp_path / "bf16", dtype="bf16", progress=False, log=None)
     r = DcpReader(resolve_iteration_dir(tmp_path / "bf16"))
     assert {v.properties.dtype for v in r.tensors().values()} == {torch.bfloat16}
-    export_torch_dist_to_hf(tmp_path / "bf16", tmp_path / "hf", progress=False, log=None)
-    with safe_open(str(next((tmp_path / "hf").glob("*.safetensors"))), "pt") as sf:
+    # export "keep" restores the original dtype (float32 here); --dtype picks another
+    export_torch_dist_to_hf(tmp_path / "bf16", tmp_path / "keep", progress=False, log=None)
+    export_torch_dist_to_hf(tmp_path / "bf16", tmp_path / "hf", dtype="bf16", max_shard_bytes=10**9,
+                            progress=False, log=None)
+    with safe_open(str(next((tmp_path / "keep").glob("*.safetensors"))), "pt") as sf:
+        assert {sf.get_tensor(k).dtype for k in sf.keys()} == {torch.float32}
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as sf:
         assert {sf.get_tensor(k).dtype for k in sf.keys()} == {torch.bfloat16}
+        emb = sf.get_tensor("model.embed_tokens.weight")
+    with safe_open(str(hf_ckpt / json.loads((hf_ckpt / "model.safetensors.index.json").read_text())["weight_map"][
+            "model.embed_tokens.weight"]), "pt") as sf:
+        assert torch.equal(emb, sf.get_tensor("model.embed_tokens.weight").bfloat16())
 
 
 def test_bf16_original_round_trip_without_mtp(tmp_path):

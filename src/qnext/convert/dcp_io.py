@@ -182,6 +182,9 @@ class DcpReader:
         gshape = tuple(md.size)
         offset = tuple(offset) if offset is not None else (0,) * len(gshape)
         shape = tuple(shape) if shape is not None else gshape
+        for chunk in md.chunks:  # the common case: the region is one whole chunk (no copy)
+            if tuple(chunk.offsets) == offset and tuple(chunk.sizes) == shape:
+                return self._chunk(key, offset)
         out = torch.empty(shape, dtype=md.properties.dtype)
         filled = 0
         for chunk in md.chunks:

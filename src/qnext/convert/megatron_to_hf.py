@@ -110,7 +110,8 @@ def export_torch_dist_to_hf(
 
     ``like``: an HF checkpoint whose shard names / tensor assignment / dtypes to reproduce (and
     whose config and tokenizer to copy); ``hf_meta``: a directory with config.json + tokenizer
-    (default: ``<ckpt>/hf``). ``dtype``: ``keep`` (as stored in the checkpoint) or bf16/fp16/fp32.
+    (default: ``<ckpt>/hf``). ``dtype``: ``keep`` (each tensor in its original HF dtype when
+    ``like`` or the convert record knows it, else as stored in the checkpoint) or bf16/fp16/fp32.
     ``max_shard_bytes``: size-based shards of at most this size instead of the recorded layout
     (also the fallback, at 5 GB, when there is no recorded layout).
     """
@@ -140,24 +141,31 @@ def export_torch_dist_to_hf(
     wm = build_weight_map(cfg, mtp_layers=mtp_in_ckpt)
     _check_checkpoint(wm, stored, it_dir)
 
-    # layout
+    # layout and dtypes: "keep" = the original HF dtype where known (--like or the convert record),
+    # else the checkpoint's
+    recorded = _layout_from_record(record) if record is not None else None
+    original = _layout_from_hf_dir(like) if like is not None else recorded
+    original_dtypes = {n: d for p in (original[0] if original else []) for n, d in p.dtypes.items()}
+
+    def dtype_of(n: str) -> torch.dtype:
+        return target or original_dtypes.get(n) or stored[wm.by_hf[n].pieces[0].key].properties.dtype
+
     if like is not None:
-        plans, had_index, index_meta = _layout_from_hf_dir(like)
+        plans, had_index, index_meta = original
         layout_name = f"like {like}"
-    elif max_shard_bytes is None and record is not None and (rec := _layout_from_record(record)) is not None:
-        plans, had_index, index_meta = rec
+    elif max_shard_bytes is None and recorded is not None:
+        plans, had_index, index_meta = recorded
         layout_name = "recorded at convert"
     else:
         max_shard_bytes = max_shard_bytes or DEFAULT_MAX_SHARD_BYTES
-        names = list(wm.hf_shapes)
-        sizes = {n: math.prod(s) * _dtype_for(n, wm, stored, target, {}).itemsize for n, s in wm.hf_shapes.items()}
-        plans, had_index, index_meta = _layout_by_size(names, sizes.__getitem__, max_shard_bytes), True, {}
+        sizes = {n: math.prod(s) * dtype_of(n).itemsize for n, s in wm.hf_shapes.items()}
+        plans, had_index, index_meta = _layout_by_size(list(wm.hf_shapes), sizes.__getitem__, max_shard_bytes), True, {}
         layout_name = f"size-based, <= {max_shard_bytes / 1e9:g} GB"
     plans, mtp_from_like = _reconcile(plans, wm, like, say)
     overrides = _load_overrides(record)
-
-    total = sum(math.prod(wm.hf_shapes[n]) * _dtype_for(n, wm, stored, target, p.dtypes).itemsize
-                for p in plans for n in p.tensors if n in wm.hf_shapes)
+    spec_of = {n: (e.dtype, e.shape) for n, (_, e) in mtp_from_like.items()}
+    spec_of.update({n: (dtype_of(n), wm.hf_shapes[n]) for p in plans for n in p.tensors if n not in spec_of})
+    total = sum(math.prod(shape) * dt.itemsize for dt, shape in spec_of.values())
     say(f"exporting {it_dir} -> {out} ({sum(len(p.tensors) for p in plans)} tensors, {len(plans)} shard(s), "
         f"{total / 1e9:.2f} GB, layout {layout_name})")
     weight_map: dict[str, str] = {}
@@ -168,13 +176,7 @@ def export_torch_dist_to_hf(
         with atomic_dir(out, overwrite=overwrite) as tmp:
             make_world_readable(tmp)
             for plan in plans:
-                spec = []
-                for n in plan.tensors:
-                    if n in mtp_from_like:
-                        e = mtp_from_like[n][1]
-                        spec.append((n, e.dtype, e.shape))
-                    else:
-                        spec.append((n, _dtype_for(n, wm, stored, target, plan.dtypes), wm.hf_shapes[n]))
+                spec = [(n, *spec_of[n]) for n in plan.tensors]
                 writer = ShardWriter(tmp / plan.name, spec, plan.metadata or {"format": "pt"})
                 for n, dt, _shape in spec:
                     if n in mtp_from_like:
@@ -190,11 +192,7 @@ def export_torch_dist_to_hf(
                 writer.close()
                 written += writer.nbytes
             if had_index or len(plans) > 1:
-                tensor_bytes = sum(math.prod(s) * d.itemsize for p in plans for _, d, s in
-                                   [(n, _dtype_for(n, wm, stored, target, p.dtypes), wm.hf_shapes[n]) for n in p.tensors
-                                    if n in wm.hf_shapes])
-                tensor_bytes += sum(e.nbytes for _, e in mtp_from_like.values())
-                write_index(tmp / "model.safetensors.index.json", weight_map, tensor_bytes,
+                write_index(tmp / "model.safetensors.index.json", weight_map, total,
                             {k: v for k, v in index_meta.items() if k != "total_size"})
             copy_hf_side_files(side_src, tmp)
     finally:
@@ -203,13 +201,6 @@ def export_torch_dist_to_hf(
     summary = ExportSummary(out, len(weight_map), len(plans), written, time.perf_counter() - t0, layout_name)
     say(summary.describe())
     return summary
-
-
-def _dtype_for(name, wm, stored, target, original: dict) -> torch.dtype:
-    if target is not None:
-        return target
-    m = wm.by_hf[name]
-    return stored[m.pieces[0].key].properties.dtype
 
 
 def _check_checkpoint(wm, stored: dict, it_dir: Path) -> None:
