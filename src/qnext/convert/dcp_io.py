@@ -17,6 +17,7 @@ import os
 import pickle
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,10 @@ class DcpWriter:
         self._file = None
         self._file_name = ""
         self.bytes_written = 0
+        # finished data files are fsynced by a background thread, so the disk flush of one file
+        # overlaps reading and transforming the next; finish() waits for all before .metadata
+        self._flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-fsync")
+        self._flushes: list = []
 
     def declare(self, key: str, global_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         self._tensors[key] = (tuple(global_shape), dtype, [])
@@ -105,13 +110,28 @@ class DcpWriter:
     def close_file(self) -> None:
         if self._file is not None:
             self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._flushes.append(self._flusher.submit(_fsync_and_close, self._file))
             self._file = None
 
+    def wait_for_disk(self) -> None:
+        """Block until every closed data file is on disk (re-raises a failed fsync)."""
+        for f in self._flushes:
+            f.result()
+        self._flushes.clear()
+
+    def abort(self) -> None:
+        """Stop without writing metadata (an error or interrupt): close everything."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._flusher.shutdown(wait=True, cancel_futures=False)
+
     def finish(self):
-        """Check every declared tensor is fully covered, then write ``.metadata`` atomically."""
+        """Check every declared tensor is fully covered, wait until the data is on disk, then
+        write ``.metadata`` atomically."""
         self.close_file()
+        self.wait_for_disk()
+        self._flusher.shutdown(wait=True)
         for key, (size, _, _) in self._tensors.items():
             if self._covered[key] != math.prod(size):
                 raise AssertionError(f"{key}: chunks cover {self._covered[key]} of {math.prod(size)} elements")
@@ -137,6 +157,13 @@ class DcpWriter:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / METADATA_FILE)
         return meta
+
+
+def _fsync_and_close(f) -> None:
+    try:
+        os.fsync(f.fileno())
+    finally:
+        f.close()
 
 
 def read_metadata(directory: str | os.PathLike):

@@ -232,8 +232,8 @@ def convert_hf_to_torch_dist(
             for i, header in enumerate(inputs.headers):
                 writer.open(f"__{i}_0.distcp")
                 with ShardReader(header) as reader:
-                    for name, entry in header.entries.items():
-                        t = reader.read(name)
+                    for name, t in reader.read_ahead(list(header.entries)):
+                        entry = header.entries[name]
                         bytes_read += entry.nbytes
                         t = t.to(dtype_of(name, t.dtype))
                         m = wm.by_hf[name]
@@ -249,6 +249,9 @@ def convert_hf_to_torch_dist(
             for obj in wm.extra_states:
                 writer.add_object(obj.key, None)
             meta = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
         finally:
             bar.close()
         write_common(it_dir, {"format_version": FORMAT_VERSION, "source": str(hf_dir.resolve()),

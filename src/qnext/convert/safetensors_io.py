@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -126,6 +128,49 @@ class ShardReader:
                 raise UserError(f"shard {self.header.path} ended while reading {name}", hint="re-download this file")
             got += n
         return out.view(e.dtype).reshape(e.shape)
+
+    def read_ahead(self, names: Sequence[str], max_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in order while a thread reads the next ones (at most ``max_bytes``
+        waiting, at least one): the copy out of the page cache then overlaps the caller's writing."""
+        q: queue.Queue = queue.Queue()
+        budget = {"free": max_bytes}
+        lock = threading.Condition()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for n in names:
+                    size = self.header.entries[n].nbytes
+                    with lock:
+                        lock.wait_for(lambda: stop.is_set() or budget["free"] >= size or budget["free"] == max_bytes)
+                        if stop.is_set():
+                            return
+                        budget["free"] -= size
+                    q.put((n, self.read(n), size))
+                q.put(None)
+            except BaseException as err:  # handed to the consumer
+                q.put(err)
+
+        worker = threading.Thread(target=produce, name="safetensors-read-ahead", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                n, t, size = item
+                yield n, t
+                del t, item
+                with lock:
+                    budget["free"] += size
+                    lock.notify_all()
+        finally:
+            stop.set()
+            with lock:
+                lock.notify_all()
+            worker.join()
 
     def close(self) -> None:
         self._f.close()
