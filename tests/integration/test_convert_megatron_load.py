@@ -106,7 +106,7 @@ def converted(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("load")
     cfg = small_config()
-    hf = write_hf_checkpoint(base / "hf", cfg)
+    hf = write_hf_checkpoint(base / "hf")
     convert_hf_to_torch_dist(hf, base / "mg", progress=False, log=None)
     return hf, base / "mg", cfg
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from qnext.convert import hf_to_megatron
 
-from convert_fixtures import REPO, small_config, write_hf_checkpoint
+from convert_fixtures import REPO, write_hf_checkpoint
 
 
 def _tool(name: str):
@@ -28,7 +28,7 @@ export_main = _tool("convert_torch_dist_to_hf")
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
-    return write_hf_checkpoint(tmp_path_factory.mktemp("src") / "hf", small_config(), with_mtp=False)
+    return write_hf_checkpoint(tmp_path_factory.mktemp("src") / "hf", with_mtp=False)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_converted_tiny_checkpoint_matches_the_golden_manifest(tmp_path):
     golden = json.loads(FIXTURE.read_text())
     cfg = json.loads(TINY_CONFIG.read_text())  # the exact config the manifest was captured for
     dtype = getattr(torch, golden["provenance"]["params_dtype"])
-    hf = write_hf_checkpoint(tmp_path / "hf", cfg, dtype=dtype, with_mtp=False, max_shard_bytes=40_000_000)
+    hf = write_hf_checkpoint(tmp_path / "hf", None, dtype=dtype, with_mtp=False, max_shard_bytes=40_000_000)
     convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
     reader = DcpReader(resolve_iteration_dir(tmp_path / "mg"))
 

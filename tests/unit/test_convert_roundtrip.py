@@ -12,12 +12,12 @@ from qnext.convert import convert_hf_to_torch_dist, export_torch_dist_to_hf, res
 from qnext.convert.dcp_io import DcpReader
 from qnext.models.qwen3_next import build_weight_map
 
-from convert_fixtures import small_config, write_hf_checkpoint
+from convert_fixtures import ODD_NORM, small_config, write_hf_checkpoint
 
 
 @pytest.fixture(scope="module")
 def hf_ckpt(tmp_path_factory) -> Path:
-    return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny", small_config())
+    return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,11 @@ def test_metadata_has_every_key_with_global_shape_and_dtype(converted, hf_ckpt):
 def test_round_trip_is_bit_exact(converted, hf_ckpt, tmp_path):
     export_torch_dist_to_hf(converted, tmp_path / "hf", progress=False, log=None)
     assert_bit_identical(hf_ckpt, tmp_path / "hf")
-    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
-        assert (tmp_path / "hf" / name).read_bytes() == (hf_ckpt / name).read_bytes()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (hf_ckpt / name).read_bytes(), name
+    # the GDN output norm value where (w - 1) + 1 != w came back through the exact-restore record
+    record = json.loads((converted / "hf" / "convert.json").read_text())
+    assert ODD_NORM in record["exact_overrides"]
 
 
 def test_round_trip_like_original_and_size_based(converted, hf_ckpt, tmp_path):
@@ -117,7 +120,7 @@ def test_dtype_option_casts(hf_ckpt, tmp_path):
 
 
 def test_bf16_original_round_trip_without_mtp(tmp_path):
-    hf = write_hf_checkpoint(tmp_path / "hf", small_config(), dtype=torch.bfloat16, with_mtp=False, seed=1)
+    hf = write_hf_checkpoint(tmp_path / "hf", dtype=torch.bfloat16, with_mtp=False, seed=1)
     convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
     assert not any(k.startswith("mtp.") for k in DcpReader(resolve_iteration_dir(tmp_path / "mg")).tensors())
     export_torch_dist_to_hf(tmp_path / "mg", tmp_path / "back", progress=False, log=None)
