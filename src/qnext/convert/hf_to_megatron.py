@@ -25,7 +25,7 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, ensure_empty_output_dir
-from ..models.qwen3_next import MODEL_TYPE, build_weight_map, mtp_layers_in
+from ..models.qwen3_next import MODEL_TYPE, Qwen3NextWeightMap, build_weight_map, mtp_layers_in
 from ..models.weight_map import Mapping
 from .dcp_io import DcpWriter, prefetch_dcp_import
 from .megatron_dir import (
@@ -88,11 +88,11 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 @dataclass
 class _Inputs:
-    """What the checks produced: the map, the shards, and per-tensor target dtypes."""
+    """What the checks produced: the config, the shard headers, the expanded weight map."""
 
     config: dict
     headers: list[ShardHeader]
-    weight_map: object
+    weight_map: Qwen3NextWeightMap
     index_metadata: dict
     had_index: bool
 
@@ -248,7 +248,7 @@ def convert_hf_to_torch_dist(
             writer.open(f"__{len(inputs.headers)}_0.distcp")
             for obj in wm.extra_states:
                 writer.add_object(obj.key, None)
-            meta = writer.finish()
+            writer.finish()
         except BaseException:
             writer.abort()
             raise
@@ -270,7 +270,6 @@ def convert_hf_to_torch_dist(
         }
         (tmp / HF_META / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         write_tracker(tmp, RELEASE)  # last: marks the checkpoint complete
-    del meta
     summary = ConvertSummary(out, len(stored), len(wm.megatron_shapes), chunks, len(wm.extra_states),
                              bytes_read, writer.bytes_written, time.perf_counter() - t0, sorted(overrides))
     say(summary.describe())

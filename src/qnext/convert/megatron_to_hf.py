@@ -27,7 +27,7 @@ from ..models.qwen3_next import MODEL_TYPE, build_weight_map
 from .dcp_io import DcpReader
 from .hf_to_megatron import EXACT_FILE, LAYOUT_FILE, _bit_equal, _progress, parse_dtype
 from .megatron_dir import copy_hf_side_files, hf_meta_dir, make_world_readable, resolve_iteration_dir
-from .safetensors_io import DTYPES, ShardReader, ShardWriter, read_header, shard_files, write_index
+from .safetensors_io import ShardReader, ShardWriter, read_header, shard_files, write_index
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _PADDED_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -278,5 +278,3 @@ def _hf_tensor(name: str, wm, reader: DcpReader, ready: dict, overrides: dict, d
             ready[n] = t
     return outs[name].to(dtype)
 
-
-__all__ = ["export_torch_dist_to_hf", "ExportSummary", "DEFAULT_MAX_SHARD_BYTES", "DTYPES"]
