@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from qnext.errors import UserError
-from qnext.models.qwen3_next import GatedQkv, GdnInProj, Qwen3NextDims, build_weight_map, mtp_layers_in
+from qnext.models.qwen3_next import (
+    GatedQkv,
+    GdnInProj,
+    Qwen3NextDims,
+    build_weight_map,
+    hf_to_megatron_modules,
+    mtp_layers_in,
+)
 from qnext.models.weight_map import megatron_tensors
 
 from convert_fixtures import REPO, small_config
@@ -90,3 +97,13 @@ def test_lora_row_permutation_moves_b_like_the_weight():
     qkvz, ba = torch.randn(2 * d.qk_dim + 2 * d.v_dim, 7), torch.randn(2 * d.nv, 7)
     perm = GdnInProj().row_permutation([qkvz.shape[0], ba.shape[0]], d)
     assert torch.equal(torch.cat([qkvz, ba])[perm], torch.cat(GdnInProj().to_megatron([qkvz, ba], d)))
+
+
+def test_lora_targets_in_hf_terms_map_to_megatron_linears():
+    m = hf_to_megatron_modules()
+    assert m["self_attn.q_proj"] == m["self_attn.v_proj"] == "self_attention.linear_qkv"
+    assert m["linear_attn.in_proj_qkvz"] == m["linear_attn.in_proj_ba"] == "self_attention.in_proj"
+    assert m["linear_attn.out_proj"] == "self_attention.out_proj" and m["self_attn.o_proj"] == "self_attention.linear_proj"
+    assert m["mlp.experts.{e}.up_proj"] == "mlp.experts.experts.linear_fc1"
+    assert m["mlp.shared_expert.down_proj"] == "mlp.shared_experts.linear_fc2"
+    assert "linear_attn.conv1d" not in m and "mlp.gate" not in m

@@ -402,6 +402,27 @@ def build_weight_map(cfg: TMapping[str, Any], mtp_layers: int = 0) -> Qwen3NextW
     return Qwen3NextWeightMap(d, mappings, extra)
 
 
+def hf_to_megatron_modules(rules: Sequence[Rule] = WEIGHT_MAP) -> dict[str, str]:
+    """HF linear layer (layer-relative, e.g. ``self_attn.q_proj``, ``mlp.experts.{e}.up_proj``) ->
+    the Megatron checkpoint key prefix of the weight it becomes (``self_attention.linear_qkv``),
+    read off the table. For LoRA: targets are named in HF terms, adapters live on Megatron's
+    linears. Routed experts map to the stacked key ``mlp.experts.experts.linear_fc1``, whose
+    modules are ``mlp.experts.linear_fc1`` (grouped) or ``mlp.experts.local_experts.{i}.linear_fc1``."""
+    out: dict[str, str] = {}
+    for r in rules:
+        for hf in r.hf:
+            if not (hf.startswith("{hf}.") and hf.endswith(".weight")) or "norm" in hf:
+                continue
+            mg = r.mg[0]
+            if not mg.startswith("{mg}.") or ".weight" not in mg:  # e.g. shared_experts.gate_weight
+                continue
+            module = mg[len("{mg}."):mg.index(".weight")]
+            if module.endswith(("router", "conv1d")):  # not linear layers LoRA adapts
+                continue
+            out[hf[len("{hf}."):-len(".weight")]] = module
+    return out
+
+
 def mtp_layers_in(names: Sequence[str] | TMapping[str, Any]) -> int:
     """How many MTP blocks an HF checkpoint carries (0 when it has no ``mtp.*`` tensors)."""
     ks = {int(m.group(1)) for n in names if (m := re.match(r"mtp\.layers\.(\d+)\.", n))}
