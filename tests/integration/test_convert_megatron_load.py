@@ -151,3 +151,20 @@ def test_tp2_ep2_pp2_loads_match_the_checkpoint_and_a_megatron_save_exports_back
     # the model has no MTP block, so its save has none: --like copies mtp.* from the original
     export_torch_dist_to_hf(saved, tmp_path / "hf", like=hf, progress=False, log=None)
     assert_bit_identical(hf, tmp_path / "hf")
+
+
+def test_megatron_training_recognises_a_release_torch_dist_checkpoint(converted):
+    """megatron.training's own first step of --load: tracker -> release dir -> torch_dist -> common state."""
+    import types
+
+    from megatron.core import dist_checkpointing
+    from megatron.training import checkpointing
+
+    _, ckpt, _ = converted
+    args = types.SimpleNamespace(non_persistent_global_ckpt_dir=None, non_persistent_ckpt_type=None, ckpt_step=None,
+                                 exit_on_missing_checkpoint=False, auto_detect_ckpt_format=True,
+                                 ckpt_format="torch_dist")
+    state, name, release, kind = checkpointing._load_base_checkpoint(str(ckpt), args, rank0=True)
+    assert release and name == str(ckpt / "release") and kind == checkpointing.CheckpointType.GLOBAL
+    assert state["checkpoint_version"] == 3.0 and state["iteration"] == 0
+    assert dist_checkpointing.load_content_metadata(preloaded_state_dict=state)["singleton_local_shards"] is False
