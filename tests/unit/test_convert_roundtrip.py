@@ -125,3 +125,21 @@ def test_bf16_original_round_trip_without_mtp(tmp_path):
     assert not any(k.startswith("mtp.") for k in DcpReader(resolve_iteration_dir(tmp_path / "mg")).tensors())
     export_torch_dist_to_hf(tmp_path / "mg", tmp_path / "back", progress=False, log=None)
     assert_bit_identical(hf, tmp_path / "back")
+
+
+def test_single_file_checkpoint_without_index(hf_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    one = tmp_path / "one"
+    one.mkdir()
+    tensors = {n: t for n, (_, t) in _tensors(hf_ckpt).items()}
+    save_file(tensors, str(one / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "tokenizer.json"):
+        (one / name).write_bytes((hf_ckpt / name).read_bytes())
+    convert_hf_to_torch_dist(one, tmp_path / "mg", progress=False, log=None)
+    export_torch_dist_to_hf(tmp_path / "mg", tmp_path / "back", progress=False, log=None)
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    with safe_open(str(tmp_path / "back" / "model.safetensors"), "pt") as sf:
+        assert sorted(sf.keys()) == sorted(tensors)
+        for n in sf.keys():
+            assert torch.equal(sf.get_tensor(n).view(-1).view(torch.uint8), tensors[n].view(-1).view(torch.uint8)), n
