@@ -43,6 +43,7 @@ from .weight_map import (
     SplitRows,
     Transform,
     expand,
+    megatron_tensors,
 )
 
 MODEL_TYPE = "qwen3_next"
@@ -375,8 +376,7 @@ class Qwen3NextWeightMap:
 
     @cached_property
     def megatron_shapes(self) -> dict[str, tuple[int, ...]]:
-        from .weight_map import megatron_tensors
-
+        """Every Megatron checkpoint key with its global shape."""
         return megatron_tensors(self.mappings)
 
 
