@@ -167,7 +167,7 @@ def main() -> int:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "command": "python benchmarks/convert_speed.py " + " ".join(sys.argv[1:]),
+            "command": shlex.join(["python", "benchmarks/convert_speed.py", *sys.argv[1:]]),
             "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
             "checkpoint": {"layers": args.layers, "layer_types": cfg["layer_types"], "hidden": 2048,
                            "experts": args.experts, "vocab": 151936, "dtype": "bfloat16", "shards": len(files),
