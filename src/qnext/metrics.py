@@ -1,0 +1,250 @@
+"""Training metrics: one record per log step, printed and written the same way by every backend.
+
+Each record carries loss, grad norm, learning rate, tokens/s, peak memory and step time (plus
+whatever the caller adds, e.g. eval loss). Sinks: ``<output_dir>/metrics.jsonl`` (always, appended,
+so a resumed run continues the same file), TensorBoard (``logging.tensorboard``), wandb (only when
+installed; offline unless ``WANDB_API_KEY`` is set; never required). ``close()`` draws the loss
+curve (``loss_curve.png``) from the JSONL file. Only rank 0 writes; other ranks get a no-op logger.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .fsutil import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+# printed in this order, with these formats; other keys follow as they come
+_FORMATS = {
+    "loss": ("loss", "{:.4f}"),
+    "grad_norm": ("gnorm", "{:.3f}"),
+    "lr": ("lr", "{:.2e}"),
+    "tokens_per_s": ("tok/s", "{:.0f}"),
+    "tflops_per_device": ("TFLOP/s/dev", "{:.2f}"),
+    "peak_mem_gib": ("mem", "{:.2f}GiB"),
+    "step_time_s": ("step", "{:.2f}s"),
+    "eval_loss": ("eval_loss", "{:.4f}"),
+    "eval_ppl": ("eval_ppl", "{:.2f}"),
+}
+
+
+def peak_memory_gib(device: torch.device | str | None = None) -> float:
+    """CUDA: max allocated since start (or last reset); CPU: the process's peak RSS."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated(dev) / 2**30
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def format_record(rec: dict[str, Any], total_steps: int | None = None) -> str:
+    step = rec.get("step")
+    head = f"step {step}" + (f"/{total_steps}" if total_steps else "")
+    parts = [head]
+    for key, (label, fmt) in _FORMATS.items():
+        if key in rec and rec[key] is not None:
+            parts.append(f"{label} {fmt.format(rec[key])}")
+    for key, val in rec.items():
+        if key in _FORMATS or key in ("step", "time"):
+            continue
+        parts.append(f"{key} {val:.4g}" if isinstance(val, float) else f"{key} {val}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Print + JSONL + TensorBoard + wandb for one run. Use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        wandb: str = "auto",
+        wandb_project: str = "qnext",
+        wandb_mode: str = "auto",
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        total_steps: int | None = None,
+        progress_bar: bool = True,
+        start_step: int = 0,
+    ):
+        self.enabled = enabled
+        self.output_dir = Path(output_dir)
+        self.total_steps = total_steps
+        self._tb = None
+        self._wandb = None
+        self._bar = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / METRICS_FILE
+        if start_step == 0 and self.path.exists():
+            self.path.unlink()  # a fresh run (overwrite=true) starts a fresh file
+        elif start_step > 0 and self.path.exists():
+            self._truncate_after(start_step)  # a resumed run drops records past its checkpoint
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            self._tb = _open_tensorboard(self.output_dir / "tensorboard")
+        self._wandb = _open_wandb(wandb, wandb_project, wandb_mode, run_name, config, self.output_dir)
+        if progress_bar and total_steps and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def _truncate_after(self, step: int) -> None:
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and _step_of(line) <= step]
+        atomic_write_bytes(self.path, ("\n".join(keep) + ("\n" if keep else "")).encode())
+
+    def log(self, step: int, record: dict[str, Any], *, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "time": round(time.time(), 3)}
+        rec.update({k: _plain(v) for k, v in record.items()})
+        self._file.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for key, val in rec.items():
+                if key not in ("step", "time") and isinstance(val, (int, float)) and math.isfinite(val):
+                    self._tb.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key}", val, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in rec.items() if k != "time"}, step=step)
+        if echo:
+            self.print(format_record(rec, self.total_steps))
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self, plot: bool = True) -> Path | None:
+        if not self.enabled:
+            return None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        return plot_loss_curve(self.path, self.output_dir / LOSS_CURVE_FILE) if plot else None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(plot=exc[0] is None)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            out.append(json.loads(line))
+    return out
+
+
+def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Training loss per step (and eval loss where recorded) from a metrics.jsonl, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path) if Path(metrics_path).exists() else []
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in recs if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.5)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())
+    return Path(png_path)
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 0
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        v = v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, float):
+        return v
+    return v
+
+
+def _open_tensorboard(logdir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as err:  # tensorboard is a dependency; a broken install should not stop training
+        print(f"warning: TensorBoard disabled ({err})", file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir=str(logdir))
+
+
+def _open_wandb(enabled: str | bool, project: str, mode: str, name: str | None, config: dict | None, out: Path):
+    """wandb when installed (``auto``) or asked for (``true``); offline without WANDB_API_KEY."""
+    flag = str(enabled).lower()
+    if flag in ("false", "0", "no", "off") or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        if flag in ("true", "1", "yes", "on"):
+            print("warning: logging.wandb.enabled=true but wandb is not installed (pip install -e .[wandb])",
+                  file=sys.stderr)
+        return None
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=project, name=name, config=config, mode=mode, dir=str(out), reinit=True)
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """First/last loss, mean tokens/s (steady state: skips the first record), peak memory."""
+    recs = [r for r in records if "loss" in r]
+    if not recs:
+        return {}
+    tps = [r["tokens_per_s"] for r in recs[1:] if "tokens_per_s" in r] or [recs[0].get("tokens_per_s", 0.0)]
+    return {
+        "first_loss": recs[0]["loss"],
+        "last_loss": recs[-1]["loss"],
+        "mean_tokens_per_s": sum(tps) / len(tps),
+        "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
+        "steps": recs[-1]["step"],
+    }
