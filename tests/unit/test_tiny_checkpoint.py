@@ -55,6 +55,9 @@ def test_hub_layout_and_index(ckpt):
             "mtp.layers.0.self_attn.q_proj.weight", "mtp.layers.0.mlp.experts.0.down_proj.weight"} <= names
     cfg = json.loads((ckpt / "config.json").read_text())
     assert cfg["model_type"] == "qwen3_next" and cfg["vocab_size"] == 512 and cfg["torch_dtype"] == "float32"
+    assert cfg["transformers_version"]  # as save_pretrained writes (its absence trips a tokenizer warning)
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [151645, 151643] and gen["pad_token_id"] == 151643
 
 
 def test_loads_in_transformers_with_no_missing_keys_and_runs_on_cpu(ckpt):
@@ -112,6 +115,14 @@ def test_cli_refuses_a_non_empty_output(ckpt, capsys):
     assert exc.value.code == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir()) == before
+
+
+def test_refuses_a_huge_random_checkpoint(tmp_path):
+    from qnext.errors import UserError
+
+    with pytest.raises(UserError, match="GiB random checkpoint"):
+        write_tiny_checkpoint(tmp_path / "big", config_path="models/qwen3_next_80b_a3b/config.json")
+    assert not (tmp_path / "big").exists()
 
 
 def test_torch_gdn_context_restores():

@@ -33,6 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_CONFIG = "models/tiny_qwen3_next/config.json"
 DEFAULT_SHARD_BYTES = 50 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
+MAX_TOTAL_BYTES = 8 * 2**30  # refuse to fill a disk with a random "80B" model by mistake
 
 _ZERO_CENTERED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight",
                         "k_norm.weight", "pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight")
@@ -83,6 +84,15 @@ def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "5.17.0"
+
+
 def generation_config(cfg: dict) -> dict:
     """Qwen3-Next-Instruct's generation_config.json with greedy decoding (a random model gains
     nothing from sampling, and greedy makes demos reproducible)."""
@@ -91,6 +101,7 @@ def generation_config(cfg: dict) -> dict:
         "do_sample": False,
         "eos_token_id": [cfg.get("eos_token_id", 151645), 151643],
         "pad_token_id": 151643,
+        "transformers_version": cfg.get("transformers_version") or _transformers_version(),
     }
 
 
@@ -112,10 +123,17 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.Path
     cfg = load_config(config_path, overrides)
     torch_dtype = to_dtype(dtype)
     cfg["torch_dtype"] = str(torch_dtype).removeprefix("torch.")
+    # as save_pretrained writes it; without it transformers 5.17 takes a local tokenizer directory
+    # for a pre-5.0 Mistral one and warns about its regex
+    cfg.setdefault("transformers_version", _transformers_version())
     wm = build_weight_map(cfg, mtp_layers=1 if with_mtp else 0)
     std = float(cfg.get("initializer_range", 0.02))
     shapes = wm.hf_shapes
     sizes = {n: math.prod(s) * torch_dtype.itemsize for n, s in shapes.items()}
+    total = sum(sizes.values())
+    if total > MAX_TOTAL_BYTES:
+        raise UserError(f"{config_path} would make a {total / 2**30:.0f} GiB random checkpoint",
+                        hint="random checkpoints are for small test configs, e.g. models/tiny_qwen3_next/config.json")
     shards = plan_shards(sizes, int(max_shard_bytes))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         weight_map = {}
@@ -124,7 +142,7 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.Path
             tensors = {n: init_tensor(n, shapes[n], seed, std).to(torch_dtype) for n in names}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
