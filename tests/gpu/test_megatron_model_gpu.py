@@ -225,4 +225,5 @@ def test_megatron_matches_hf_oracle(world):
     results["hf_bf16_vs_hf_fp32"] = rel(ref16, ref32)
     print("megatron vs HF (rel L2):", json.dumps(results, indent=1))
     assert results["torch.float32"]["vs_hf_fp32"] < 5e-3, results
-    assert results["torch.bfloat16"]["vs_hf_fp32"] < max(3 * results["hf_bf16_vs_hf_fp32"], 2e-2), results
+    # bf16 tolerance as in benchmarks/megatron_hf_parity.py: 3% relative L2 or twice HF's own bf16 error
+    assert results["torch.bfloat16"]["vs_hf_fp32"] < max(2 * results["hf_bf16_vs_hf_fp32"], 3e-2), results
