@@ -95,10 +95,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _state_dict_options(trainable_only: bool):
+def _state_dict_options(trainable_only: bool, loading: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=trainable_only)
+    # loading a trainable-only state dict leaves the frozen weights "missing": not strict, checked below
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not (loading and trainable_only))
 
 
 def save_checkpoint(
@@ -180,7 +181,14 @@ def load_checkpoint(
             f"cannot load checkpoint {path}: {str(err).splitlines()[0][:300]}",
             hint="resume with the recipe that wrote it (same train.mode and LoRA targets), or start a new output_dir",
         ) from None
-    set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"], options=opts)
+    result = set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"],
+                            options=_state_dict_options(trainable_only, loading=True))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = [k for k in getattr(result, "missing_keys", []) if k in trained]
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}",
+                        hint="resume with the recipe that wrote it (same train.mode and LoRA targets)")
     rng = path / f"rng_rank{rank}.pt"
     if state.get("world_size") == world_size and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
