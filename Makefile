@@ -17,6 +17,14 @@ setup: ## build .venv (Python 3.12) with the pinned dependencies, then apply the
 test: ## run the CPU test suite (what CI runs)
 	$(PY) -m pytest -q -m "not gpu" tests
 
+.PHONY: demo
+demo: ## tiny Qwen3-Next on CPU: LoRA on the sample chats, generations before/after, export, reload check
+	$(PY) -m qnext.demo $(if $(OUT),--out $(OUT)) $(ARGS)
+
+.PHONY: parity
+parity: ## HF <-> Megatron logits of the converted tiny checkpoint at TP1/TP2/EP2/PP2 (GPUs, else CPU)
+	PY=$(PY) bash benchmarks/gpu_parity.sh $(OUT)
+
 .PHONY: test-gpu
 test-gpu: ## run the GPU tests (needs CUDA GPUs)
 	$(PY) -m pytest -q -m gpu tests

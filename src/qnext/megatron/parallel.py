@@ -81,6 +81,21 @@ def construction_device(device: str = "cpu"):
         torch.cuda.current_device = original  # type: ignore[assignment]
 
 
+def _l2norm_torch(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """fla's ``l2norm`` (x / sqrt(sum x^2 + eps) over the last dim, in float32) without Triton."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def use_torch_gdn_path() -> None:
+    """Run megatron-core's GDN on CPU: its torch conv1d and chunked rule come with
+    ``deterministic_mode=True``; the q/k L2 norm, always fla's Triton kernel, is replaced here by the
+    same function in torch. For CPU tests and parity checks only (GPUs keep fla's kernels)."""
+    from megatron.core.ssm.gated_delta_net import common
+
+    common.l2norm = _l2norm_torch
+
+
 CPU_BUILD_OVERRIDES = dict(
     use_cpu_initialization=True, perform_initialization=False, moe_token_dispatcher_type="allgather"
 )

@@ -14,36 +14,32 @@ def fixed_tokens(batch: int, seq_len: int, vocab: int, seed: int = 0) -> torch.T
 
 
 @torch.no_grad()
-def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
+def megatron_logits(model, tokens: torch.Tensor, device: str = "cuda") -> torch.Tensor | None:
     """Full-vocabulary logits [b, s, V] (float32) on the last pipeline stage, None elsewhere.
 
-    Runs megatron's forward-only schedule, so it works for every pipeline size.
+    One micro-batch through every pipeline stage: a stage after the first receives the previous
+    stage's hidden states ([s, b, h]) with a point-to-point recv, a stage before the last sends
+    its own on. The same code runs on GPUs (NCCL) and on CPU (gloo); megatron's schedules
+    allocate on CUDA unconditionally, so they are not used here.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    tokens = tokens.cuda()
+    tokens = tokens.to(device)
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
-
-    def forward_step(data_iterator, m):
-        batch = next(data_iterator)
-        out = m(batch["tokens"], batch["position_ids"], None, runtime_gather_output=True)
-        return out, None  # loss_func=None: the schedule collects the output itself
-
     model.eval()
-    outputs = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([{"tokens": tokens, "position_ids": position_ids}]),
-        model=[model],
-        num_microbatches=1,
-        seq_length=s,
-        micro_batch_size=b,
-        forward_only=True,
-    )
-    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    if not first:
+        cfg = model.config
+        hidden = torch.empty(s, b, cfg.hidden_size, dtype=cfg.params_dtype, device=device)
+        torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+        model.set_input_tensor(hidden)
+    out = model(tokens, position_ids, None, runtime_gather_output=True)
+    if not last:
+        torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
         return None
-    return outputs[0].float().contiguous()  # GPTModel returns [b, s, V] when there are no labels
+    return out.float().contiguous()  # GPTModel returns [b, s, V] when there are no labels
 
 
 def compare(actual: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
