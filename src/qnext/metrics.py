@@ -31,6 +31,7 @@ _FORMATS = {
     "lr": ("lr", "{:.2e}"),
     "tokens_per_s": ("tok/s", "{:.0f}"),
     "tflops_per_device": ("TFLOP/s/dev", "{:.2f}"),
+    "mfu": ("MFU", "{:.1%}"),
     "peak_mem_gib": ("mem", "{:.2f}GiB"),
     "step_time_s": ("step", "{:.2f}s"),
     "eval_loss": ("eval_loss", "{:.4f}"),
@@ -79,6 +80,8 @@ class MetricsLogger:
         total_steps: int | None = None,
         progress_bar: bool = True,
         start_step: int = 0,
+        tensorboard_writer: Any = None,
+        wandb_run: Any = None,
     ):
         self.enabled = enabled
         self.output_dir = Path(output_dir)
@@ -95,9 +98,15 @@ class MetricsLogger:
         elif start_step > 0 and self.path.exists():
             self._truncate_after(start_step)  # a resumed run drops records past its checkpoint
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
+        # A backend that already opened the sinks (megatron.training's writers) hands them over.
+        if tensorboard_writer is not None:
+            self._tb = tensorboard_writer
+        elif tensorboard:
             self._tb = _open_tensorboard(self.output_dir / "tensorboard")
-        self._wandb = _open_wandb(wandb, wandb_project, wandb_mode, run_name, config, self.output_dir)
+        if wandb_run is not None:
+            self._wandb = wandb_run
+        else:
+            self._wandb = _open_wandb(wandb, wandb_project, wandb_mode, run_name, config, self.output_dir)
         if progress_bar and total_steps and sys.stderr.isatty():
             from tqdm import tqdm
 

@@ -1,0 +1,548 @@
+"""Megatron training entry: ``python -m qnext.megatron.train recipe=... key=value ...`` under torchrun.
+
+Built from ``megatron.training``'s pieces, in this order:
+
+1. before any process group (``prepare``): compose and validate the recipe against the world size,
+   decide fresh start / resume from the output directory, pick the layer back end (TE when it
+   imports), check the converted checkpoint's layout, and resolve the megatron.training argument list
+   (``qnext.megatron.args``);
+2. megatron's own parse + validation of that list, its global state (microbatch calculator, timers,
+   TensorBoard/wandb writers on the last rank) and ``initialize_megatron``'s steps (process groups,
+   seeds; ``initialize_megatron_without_dataset_helpers`` says which one is left out and why);
+3. our data module (``qnext.data``: chat JSONL -> ids + loss mask, packing) on every rank;
+4. ``setup_model_and_optimizer`` with our model provider (``build_model``: Qwen3-Next, TE or TE-free
+   spec; then the LoRA hook ``attach_lora`` for ``train.mode=lora``), distributed optimizer (optional
+   CPU offload), and the torch_dist load: resume from ``<output_dir>/checkpoints``, else the
+   converted checkpoint through ``--pretrained-checkpoint``;
+5. the loop: megatron's ``train_step`` with our ``forward_step`` (token-weighted loss on labelled
+   positions), held-out loss every ``--eval-interval``, megatron's ``save_checkpoint`` every
+   ``--save-interval``; every log step writes the same metrics record as the FSDP backend
+   (``metrics.jsonl``; TensorBoard/wandb through megatron's writers) with MFU added.
+
+megatron.training cannot run a step on CPU (gloo), even with its ``allow_no_cuda``: checked with
+megatron-core 0.19.2, the calls that need CUDA are, in order, ``initialize_megatron``'s
+``assert torch.cuda.is_available()``; ``_initialize_distributed``, which without a GPU skips creating
+the model-parallel groups; the MoE aux-loss scale ``torch.ones(1, device=torch.cuda.current_device())``;
+Gated DeltaNet's parameters allocated on ``torch.cuda.current_device()`` and the CUDA RNG tracker used
+to initialise them; ``get_model``'s ``model.cuda(...)`` and its ``torch.cuda.Stream()`` for the DDP
+wrap; RoPE's ``torch.cuda.current_device()`` at forward; the pipeline schedule's token counter
+(``torch.zeros(..., device="cuda")``); and ``dist_checkpointing.save``'s CUDA synchronisation. So on a
+CPU-only machine this entry stops with a clear error before any process group; CPU training is the
+FSDP backend (``scripts/run-fsdp.sh``). The forward step and loss are tested on CPU directly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..config import RecipeConfig, load_config, to_yaml, validate_config
+from ..config.validate import resolve_path
+from ..errors import UserError, cli_main
+from .args import megatron_argv
+from .checkpoint import CheckpointPlan, checkpoint_plan, has_checkpoint, pretrained_root
+
+RUN_MARKER = "run.json"
+SUMMARY_FILE = "summary.json"
+ARGS_FILE = "megatron_args.txt"
+
+
+# ------------------------------------------------------------------------------------------ prepare
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before a process group exists."""
+
+    cfg: RecipeConfig
+    hf: dict[str, Any]
+    ckpt: CheckpointPlan
+    use_te: bool
+    argv: list[str]
+    world_size: int
+    clear_output: bool
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def plan_output_dir(cfg: RecipeConfig, ckpt: CheckpointPlan) -> bool:
+    """Check ``output_dir`` against ``overwrite``/``resume``; True when its contents must be replaced."""
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} exists and is not a directory", hint="choose another output_dir=...")
+    if cfg.overwrite:
+        resolved, cwd = out.resolve(), Path.cwd().resolve()
+        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
+            raise UserError(f"refusing overwrite=true on {out}: it is /, your home, or contains the current directory",
+                            hint="choose a dedicated output_dir=...")
+        return _non_empty(out)
+    if not _non_empty(out):
+        return False
+    if not (out / RUN_MARKER).is_file():
+        raise UserError(f"output_dir {out} is not empty and holds no qnext run",
+                        hint="choose a new output_dir=..., or overwrite=true to replace its contents")
+    if cfg.resume == "never" and has_checkpoint(ckpt.save):
+        raise UserError(f"output_dir {out} already holds a run (resume=never)",
+                        hint="use resume=auto to continue it, overwrite=true to start over, or a new output_dir")
+    return False
+
+
+def _checkpoint_hf_config(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
+    if not pretrained:
+        return None
+    from ..convert.megatron_dir import hf_meta_dir
+
+    meta = hf_meta_dir(pretrained)
+    return json.loads((meta / "config.json").read_text()) if meta is not None else None
+
+
+def prepare(overrides: Sequence[str], world_size: Optional[int] = None, use_te: Optional[bool] = None) -> Prepared:
+    """Everything that can fail on user input, before any process group or GPU is touched."""
+    from ..models.qwen3_next import Qwen3NextDims
+    from .spec import te_importable
+
+    cfg = load_config(list(overrides))
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel.backend != "megatron":
+        raise UserError(f"parallel.backend={cfg.parallel.backend}: this is the Megatron entry point",
+                        hint="pick a Megatron layout (parallel=8xh100, parallel=4x8, parallel=1gpu) or use scripts/run-fsdp.sh")
+    hf = validate_config(cfg, world_size=world)
+    ckpt = checkpoint_plan(cfg)
+    if not ckpt.resuming:
+        if ckpt.pretrained is None:
+            raise UserError("model.megatron_checkpoint is not set and the output directory holds no checkpoint to resume",
+                            hint="pass model.megatron_checkpoint=<the OUT of `make convert HF=... OUT=...`>")
+        pretrained_root(ckpt.pretrained)
+        ckpt_hf = _checkpoint_hf_config(ckpt.pretrained)
+        if ckpt_hf is not None and Qwen3NextDims.from_hf_config(ckpt_hf) != Qwen3NextDims.from_hf_config(hf):
+            raise UserError(f"model.megatron_checkpoint={cfg.model.megatron_checkpoint} was converted from a model "
+                            f"other than model.hf_config={cfg.model.hf_config} (layers, widths or experts differ)",
+                            hint="pick the model=... that matches the checkpoint")
+    clear = plan_output_dir(cfg, ckpt)
+    te = te_importable() if use_te is None else use_te
+    argv = megatron_argv(cfg, hf, use_te=te, ckpt=ckpt)
+    return Prepared(cfg, hf, ckpt, te, argv, world, clear)
+
+
+# ------------------------------------------------------------------------------------------ model
+def attach_lora(model, cfg: RecipeConfig, hf: dict[str, Any]):
+    """The LoRA hook: adapters go on right after the model is built, before megatron wraps it in DDP
+    and builds the optimizer, so that the optimizer sees the adapters as the only trainable weights.
+
+    The implementation lives in ``qnext.lora``: ``apply_lora(model, lora_cfg, *, hf_config, seed)``
+    must freeze the base weights, attach the adapters to the parallel linears and return the model.
+    """
+    try:
+        from ..lora import apply_lora  # imported here: qnext.lora is optional until train.mode=lora
+    except ImportError as err:
+        raise UserError(
+            f"train.mode=lora needs qnext.lora.apply_lora(model, lora_cfg, hf_config=..., seed=...) for Megatron "
+            f"models, which this checkout does not provide ({err})",
+            hint="use train.mode=full, or update to a checkout with LoRA for the Megatron backend",
+        ) from None
+    model = apply_lora(model, cfg.train.lora, hf_config=hf, seed=cfg.train.seed)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("LoRA left no trainable parameter on this rank", hint="check train.lora.targets")
+    return model
+
+
+def training_overrides(args) -> dict[str, Any]:
+    """TransformerConfig fields that come from the training arguments rather than the HF config."""
+    out = dict(
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        deallocate_pipeline_outputs=True,
+        use_cpu_initialization=bool(args.use_cpu_initialization),
+        barrier_with_L1_time=args.barrier_with_L1_time,
+    )
+    if args.recompute_modules is not None:
+        out["recompute_modules"] = list(args.recompute_modules)
+    coeff = args.moe_aux_loss_coeff
+    if coeff is not None:
+        out["moe_aux_loss_coeff"] = float(coeff[0]) if isinstance(coeff, (list, tuple)) and len(coeff) == 1 else coeff
+    return out
+
+
+def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]]):
+    """The function megatron.training's ``get_model`` calls on every rank (once per model chunk)."""
+    import torch
+
+    from .checkpoint import missing_base_keys
+    from .model import build_model
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    overrides = training_overrides(args)
+
+    def provide(pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None, pg_collection=None):
+        model = build_model(prep.hf, prep.cfg.parallel, dtype, prep.use_te, pre_process=pre_process,
+                            post_process=post_process, vp_stage=vp_stage, pg_collection=pg_collection,
+                            config_overrides=overrides)
+        if check_base_against is not None:
+            missing = missing_base_keys(model, check_base_against)
+            if missing:
+                raise UserError(
+                    f"model.megatron_checkpoint={prep.cfg.model.megatron_checkpoint} lacks {len(missing)} weight(s) "
+                    f"this model needs, e.g. {missing[:4]}",
+                    hint="was it converted (make convert) from the model given by model.hf_config?")
+        if prep.cfg.train.mode == "lora":
+            model = attach_lora(model, prep.cfg, prep.hf)
+        return model
+
+    return provide
+
+
+# ------------------------------------------------------------------------------------------ the run
+def initialize_megatron_without_dataset_helpers(args) -> None:
+    """``megatron.training.initialize_megatron`` without its last step.
+
+    That step (``_compile_dependencies``) runs ``make`` in ``megatron/core/datasets`` on rank 0 and
+    exits the process when it fails; the PyPI wheel of megatron-core 0.19.2 ships the compiled helper
+    but no Makefile, so it always fails there. Our data module does not use megatron's datasets, so
+    the rest is done here in the same order: logging and the rerun state machine (megatron's own
+    function, stopped before process groups), process groups, seeds, the MoE aux-loss scale.
+    """
+    import torch
+    from megatron.training import initialize as mi
+
+    mi.initialize_megatron(skip_mpu_initialization=True)
+    mi._initialize_distributed(None, None, None)
+    mi._set_random_seed(args.seed, args.data_parallel_random_init, args.te_rng_tracker, args.inference_rng_tracker,
+                        use_cudagraphable_rng=args.cuda_graph_impl != "none")
+    if args.num_experts is not None:
+        from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=torch.cuda.current_device()))
+
+
+class MegatronRun:
+    """One training run on megatron.training's pieces (see the module docstring)."""
+
+    def __init__(self, prep: Prepared):
+        self.prep, self.cfg = prep, prep.cfg
+        self.out = Path(self.cfg.output_dir).expanduser()
+        self.t0 = time.time()
+        self.metrics = None
+
+    # -- set-up
+    def initialize(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(
+                "the Megatron backend needs CUDA GPUs (megatron.training asserts CUDA at initialisation, moves the "
+                "model to the current CUDA device and allocates its DDP streams and schedule counters there)",
+                hint="on CPU use the FSDP backend: bash scripts/run-fsdp.sh recipe=tiny_lora_cpu ...")
+        from megatron.training.global_vars import set_global_variables
+
+        from .args import parse_megatron_args
+
+        lg = self.cfg.logging
+        if lg.wandb.mode != "auto":
+            os.environ["WANDB_MODE"] = lg.wandb.mode
+        elif not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        rank = int(os.environ.get("RANK", "0"))
+        args = parse_megatron_args(self.prep.argv, world_size=self.prep.world_size, rank=rank)
+        # no megatron tokenizer: qnext.data tokenizes; the model has exactly the HF vocabulary rows
+        args.padded_vocab_size = int(self.prep.hf["vocab_size"])
+        set_global_variables(args, build_tokenizer=False)
+        initialize_megatron_without_dataset_helpers(args)
+        self.args = args
+        self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.is_logger = self.rank == self.world - 1  # last pipeline stage; megatron's writers live there
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def prepare_output_dir(self) -> None:
+        import torch
+
+        if self.rank == 0:
+            if self.prep.clear_output:
+                for child in self.out.iterdir():
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not (self.out / RUN_MARKER).is_file():
+                (self.out / RUN_MARKER).write_text(json.dumps({
+                    "backend": "megatron", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "checkpoint": self.prep.ckpt.pretrained, "te": self.prep.use_te}) + "\n")
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.out / ARGS_FILE).write_text(" \\\n  ".join(self.prep.argv) + "\n")
+            if self.prep.ckpt.pretrained:
+                from ..convert.megatron_dir import copy_hf_meta
+
+                Path(self.prep.ckpt.save).mkdir(parents=True, exist_ok=True)
+                copy_hf_meta(self.prep.ckpt.pretrained, self.prep.ckpt.save)  # `make export` finds hf/ there
+        torch.distributed.barrier()
+
+    def build_data(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from ..data.dataset import build_datasets
+        from ..data.tokenizer import load_tokenizer
+        from ..fsdp.sampler import GlobalBatchSampler
+        from .data import MicroBatches
+
+        cfg, d, t = self.cfg, self.cfg.data, self.cfg.train
+        # model.tokenizer, else the tokenizer the converted checkpoint carries in hf/ (copied into
+        # checkpoints/hf when the run started), else the built-in Qwen3-Next tokenizer
+        tok_dir = resolve_path(cfg.model.tokenizer) if cfg.model.tokenizer else None
+        for root in (self.prep.ckpt.pretrained, self.prep.ckpt.load):
+            if tok_dir is None and root:
+                tok_dir = _tokenizer_in(root)
+        self.tokenizer = load_tokenizer(tok_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.train_set, self.valid_set, self.data_stats = build_datasets(
+            resolve_path(d.path), self.tokenizer, d.seq_length, pack=d.pack, valid_fraction=d.valid_fraction,
+            seed=d.split_seed, overlong=d.overlong, valid_path=resolve_path(d.valid_path))
+        self.say(self.data_stats.summary())
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        accum = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.sampler = GlobalBatchSampler(len(self.train_set), t.micro_batch_size, accum, self.dp_size, self.dp_rank, t.seed)
+        self.batches = MicroBatches(self.train_set, self.sampler, self.pad_id, d.seq_length, d.pack, self.device)
+
+    def build_model(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.enums import ModelType
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
+        from megatron.training.global_vars import get_timers
+        from megatron.training.training import setup_model_and_optimizer
+
+        from .checkpoint import checkpoint_tensor_keys
+
+        ckpt = self.prep.ckpt
+        base_keys = None if ckpt.resuming else checkpoint_tensor_keys(ckpt.pretrained)
+        provider = model_provider(self.prep, self.args, base_keys)
+        self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
+            ModelType.encoder_or_decoder, provider, checkpointing_context={})
+        config = get_model_config(self.model[0])
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.timers = get_timers()
+        if config.finalize_model_grads_func is None:
+            config.finalize_model_grads_func = finalize_model_grads
+        self.model_config = config
+        self.forward_backward = get_forward_backward_func()
+        n_total = sum(p.numel() for m in self.model for p in m.parameters())
+        n_train = sum(p.numel() for m in self.model for p in m.parameters() if p.requires_grad)
+        self.say(f"model: {n_total / 1e6:.1f}M parameters on rank {self.rank}, {n_train / 1e6:.3f}M trained "
+                 f"({self.cfg.train.mode}); {'Transformer Engine' if self.prep.use_te else 'TE-free'} layers; "
+                 f"start at iteration {self.args.iteration} "
+                 f"({'resumed from ' + ckpt.load if ckpt.resuming else 'weights from ' + str(ckpt.pretrained)})")
+
+    # -- helpers
+    def say(self, text: str) -> None:
+        if self.is_logger:
+            if self.metrics is not None:
+                self.metrics.print(text)
+            else:
+                print(text, flush=True)
+
+    def _global_stats(self, step: int) -> tuple[list[int], int, int]:
+        """(chat lengths, tokens, labelled tokens) of the whole global batch of 0-based ``step``."""
+        from ..data.dataset import IGNORE_INDEX
+
+        lengths, tokens, labelled = [], 0, 0
+        for i in self.sampler.global_indices(step):  # the same on every rank
+            s = self.train_set[i]
+            lengths += list(s.get("seq_lens", [len(s["input_ids"])]))
+            tokens += len(s["input_ids"])
+            labelled += sum(1 for x in s["labels"] if x != IGNORE_INDEX)
+        return lengths, tokens, labelled
+
+    # -- one step
+    def train_step(self, step: int) -> dict[str, Any]:
+        import torch
+        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+        from megatron.training.training import train_step
+
+        from ..metrics import peak_memory_gib
+        from ..throughput import mfu, step_flops
+        from .data import forward_step
+
+        batches = self.batches.step(step)
+        torch.cuda.synchronize()
+        t_start = time.perf_counter()
+        loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
+            forward_step, self.batches.iterator(batches), self.model, self.optimizer, self.scheduler,
+            self.model_config, self.forward_backward, iteration=step)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t_start
+        self.args.consumed_train_samples += self.cfg.train.global_batch_size
+        lengths, tokens, labelled = self._global_stats(step)
+        flops = step_flops(self.prep.hf, lengths, lora=self.cfg.train.mode == "lora")
+        tflops = flops / dt / self.world / 1e12
+        self.args.num_floating_point_operations_so_far += flops  # saved with each checkpoint
+        rec: dict[str, Any] = {
+            "loss": float(loss_dict["lm loss"]) if "lm loss" in loss_dict else None,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "lr": get_canonical_lr_for_logging(self.optimizer.param_groups),
+            "tokens_per_s": tokens / dt,
+            "tflops_per_device": tflops,
+            "mfu": mfu(tflops, torch.cuda.get_device_name(self.device)),
+            "peak_mem_gib": peak_memory_gib(self.device),
+            "step_time_s": dt,
+            "loss_tokens": labelled,
+            "epoch": round(self.sampler.epoch_of(step + 1), 3),
+        }
+        if skipped:
+            rec["skipped"] = 1
+        if should_exit:
+            raise RuntimeError(f"megatron asked to stop at step {step + 1} (rerun state machine)")
+        if self.is_logger and rec["loss"] is not None and not math.isfinite(rec["loss"]):
+            raise RuntimeError(f"loss is {rec['loss']} at step {step + 1}; lower train.lr or check the data")
+        return {k: v for k, v in rec.items() if v is not None}
+
+    # -- held-out loss
+    def eval_loss(self) -> dict[str, float]:
+        import torch
+        from megatron.core import parallel_state as ps
+
+        from .data import eval_batches, eval_micro_batch, forward_step, reduce_report, to_device
+
+        if not self.valid_set:
+            return {}
+        d, t = self.cfg.data, self.cfg.train
+        groups = eval_batches(self.valid_set, t.micro_batch_size, self.dp_size, self.dp_rank, self.args.eval_iters)
+        total = torch.zeros(2, device=self.device)
+        for m in self.model:
+            m.eval()
+        with torch.no_grad():
+            # one forward-only schedule per round: every pipeline stage runs the same micro-batches
+            for ix in groups:
+                batch = to_device(eval_micro_batch(self.valid_set, ix, self.pad_id, d.seq_length, d.pack), self.device)
+                losses = self.forward_backward(
+                    forward_step_func=forward_step, data_iterator=iter([batch]), model=self.model,
+                    num_microbatches=1, seq_length=d.seq_length, micro_batch_size=t.micro_batch_size,
+                    forward_only=True)
+                rep = reduce_report(losses)
+                if rep is not None:
+                    total += rep.float()
+        for m in self.model:
+            m.train()
+        torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+        if not ps.is_pipeline_last_stage(ignore_virtual=True) or total[1] == 0:
+            return {}
+        loss = float(total[0] / total[1])
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    # -- checkpoints
+    def save(self, iteration: int) -> None:
+        import torch
+        from megatron.training.checkpointing import save_checkpoint
+
+        from .checkpoint import prune_checkpoints
+
+        save_checkpoint(iteration, self.model, self.optimizer, self.scheduler,
+                        self.args.num_floating_point_operations_so_far, checkpointing_context={})
+        torch.distributed.barrier()
+        if self.rank == 0:
+            removed = prune_checkpoints(self.prep.ckpt.save, self.cfg.train.keep_checkpoints)
+            if removed:
+                print(f"removed old checkpoint(s): {', '.join(p.name for p in removed)}", flush=True)
+        self.say(f"checkpoint: {self.prep.ckpt.save}/iter_{iteration:07d}")
+
+    # -- the loop
+    def run(self) -> dict[str, Any]:
+        from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+
+        from ..metrics import MetricsLogger
+
+        args, t = self.args, self.cfg.train
+        start, total = int(args.iteration), int(args.train_iters)
+        stop = min(total, args.exit_interval) if args.exit_interval else total
+        self.metrics = MetricsLogger(
+            self.out, enabled=self.is_logger, tensorboard=False, wandb="false",
+            tensorboard_writer=get_tensorboard_writer(), wandb_run=get_wandb_writer(),
+            total_steps=total, progress_bar=self.cfg.logging.progress_bar, start_step=start)
+        summary: dict[str, Any] = {"output_dir": str(self.out), "start_step": start, "backend": "megatron"}
+        try:
+            if start >= total:
+                self.say(f"run already complete at step {start} (train.steps={total}); raise train.steps to continue")
+                summary["already_complete"] = True
+                return summary
+            last: dict[str, Any] = {}
+            step = start
+            for step in range(start + 1, stop + 1):
+                rec = self.train_step(step - 1)
+                if args.eval_interval and step % args.eval_interval == 0 and step != total:
+                    rec.update(self.eval_loss())
+                if step % max(1, args.log_interval) == 0 or step in (start + 1, total):
+                    self.metrics.log(step, rec)
+                self.metrics.advance()
+                last = rec
+                if (args.save_interval and step % args.save_interval == 0) or step == stop:
+                    self.save(step)
+            summary.update(steps=step, final_loss=last.get("loss"))
+            if step < total:
+                self.say(f"stopped after step {step} of {total} (train.stop_after); resume with resume=auto")
+                summary["stopped_early"] = True
+                return summary
+            ev = self.eval_loss()
+            if ev:
+                self.metrics.log(step, ev)
+                summary.update(ev)
+            summary["final_checkpoint"] = f"{self.prep.ckpt.save}/iter_{step:07d}"
+        finally:
+            png = self.metrics.close()
+            if png is not None:
+                summary["loss_curve"] = str(png)
+            summary["wall_s"] = round(time.time() - self.t0, 1)
+            if self.is_logger:
+                summary["data"] = self.data_stats.to_dict()
+                (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
+
+
+def _tokenizer_in(ckpt_root: str) -> Optional[Path]:
+    """The converted checkpoint's ``hf/`` when it carries tokenizer files (else the built-in tokenizer)."""
+    from ..convert.megatron_dir import hf_meta_dir
+
+    meta = hf_meta_dir(ckpt_root)
+    if meta is not None and any((meta / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return meta
+    return None
+
+
+def train(prep: Prepared) -> dict[str, Any]:
+    import torch
+
+    run = MegatronRun(prep)
+    run.initialize()
+    try:
+        run.prepare_output_dir()
+        run.build_data()
+        run.build_model()
+        summary = run.run()
+        torch.distributed.barrier()  # only on success: a failed rank must exit, not wait for the others
+        return summary
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(__doc__)
+        print("usage: torchrun ... -m qnext.megatron.train [recipe=NAME] [key=value ...]  "
+              "(or bash scripts/run-8gpu.sh / scripts/run-multinode.sh)")
+        return 0
+    prep = prepare(args)
+    summary = train(prep)
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        keys = ("steps", "final_loss", "eval_loss", "eval_ppl", "wall_s")
+        print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                                      for k in keys if k in summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
