@@ -97,8 +97,9 @@ def apply_lora(model, cfg: LoraConfig, *, hf_config: Any, seed: int = 0, freeze:
             module = layer.get_submodule(module_name)
             kind = parallel_kind(module)
             if kind is None:
-                raise UserError(f"layer {layer_idx} {module_name} ({type(module).__name__}) is not a tensor-parallel "
-                                "linear LoRA can adapt", hint=f"drop its HF names from train.lora.targets ({hf_weights})")
+                raise UserError(f"layer {layer_idx} {module_name} ({type(module).__name__}) is not a "
+                                "tensor-parallel linear LoRA can adapt",
+                                hint=f"drop its HF names from train.lora.targets ({hf_weights})")
             tp_rank, tp_size = _tp_rank_size(module)
             plan = plan_module(wm, layer_idx, module_name, hf_weights, kind, tp_size, tp_rank)
             attach(module, plan, cfg.r, cfg.alpha, cfg.dropout, generator_for=lambda name: _generator(seed, name))

@@ -338,7 +338,8 @@ def detach(module: LoraLinear) -> nn.Module:
     module.unmerge_lora()
     base = next(c for c in type(module).__mro__[1:] if c is not LoraLinear and not issubclass(c, LoraLinear))
     del module.lora
-    for name in ("lora_config", "lora_plan", "lora_scale", "lora_dropout", "lora_merged", "lora_tp_group", "lora_sequence_parallel"):
+    for name in ("lora_config", "lora_plan", "lora_scale", "lora_dropout", "lora_merged", "lora_tp_group",
+                 "lora_sequence_parallel"):
         module.__dict__.pop(name, None)
     module.__class__ = base
     return module

@@ -39,8 +39,9 @@ def _all_gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hf_lora_tensors(model) -> dict[str, torch.Tensor]:
-    """This rank's adapters as whole HF-layout tensors under PEFT's names, on the CPU.
+def hf_lora_tensors(model, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's adapters as whole HF-layout tensors under PEFT's names, on the CPU (``grads``:
+    their gradients instead, taken as they are, i.e. after megatron's grad finalisation).
 
     Collective over each adapted linear's TP group (every TP rank of a stage must call it).
     """
@@ -48,7 +49,10 @@ def hf_lora_tensors(model) -> dict[str, torch.Tensor]:
     for module in lora_modules(model).values():
         plan = module.lora_plan
         for br in module.lora.values():
-            a, b = br.lora_A.detach(), br.lora_B.detach()
+            a, b = (br.lora_A.grad, br.lora_B.grad) if grads else (br.lora_A, br.lora_B)
+            if a is None or b is None:
+                raise ValueError(f"{br.plan.hf_module}: no gradient (run a backward pass first)")
+            a, b = a.detach(), b.detach()
             if plan.tp_size > 1:
                 if plan.kind == COLUMN:
                     b = _all_gather(b, 0, module.lora_tp_group)
@@ -65,7 +69,8 @@ def _gather_to_rank0(tensors: dict[str, torch.Tensor]) -> Optional[dict[str, tor
         return tensors
     from megatron.core import parallel_state as ps
 
-    contributes = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
+    contributes = (ps.get_tensor_model_parallel_rank() == 0
+                   and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
     rank = torch.distributed.get_rank()
     parts = [None] * torch.distributed.get_world_size() if rank == 0 else None
     torch.distributed.gather_object(tensors if contributes else {}, parts, dst=0)
@@ -167,20 +172,23 @@ def load_peft_adapter(model, adapter_dir: str | os.PathLike, *, strict: bool = T
     if (want.r, want.alpha) != (cfg.r, cfg.alpha):
         raise UserError(f"{adapter_dir}: adapter r={want.r} alpha={want.alpha}, model LoRA r={cfg.r} alpha={cfg.alpha}",
                         hint="apply_lora with lora_config_from_adapter(adapter_config) first")
-    used, missing = set(), []
+    todo, missing = [], []
     for module in lora_modules(model).values():
         for br in module.lora.values():
             ka, kb = peft_key(br.plan.hf_module, "A"), peft_key(br.plan.hf_module, "B")
-            if ka not in weights or kb not in weights:
+            if ka in weights and kb in weights:
+                todo.append((module, br, ka, kb))
+            else:
                 missing.append(br.plan.hf_module)
-                continue
-            a, b = module.lora_plan.shard(br.plan, weights[ka], weights[kb])
-            br.lora_A.copy_(a)
-            br.lora_B.copy_(b)
-            used |= {ka, kb}
+    used = {k for _, _, ka, kb in todo for k in (ka, kb)}
     prefixes = tuple(f"{PEFT_PREFIX}model.layers.{i}." for i, _ in decoder_layers(model))
     unused = sorted(k for k in weights if k.startswith(prefixes) and k not in used)
-    if strict and (missing or unused):
-        raise UserError(f"{adapter_dir}: adapter and model LoRA differ: missing {missing[:3]}, without a branch {unused[:3]}",
+    if strict and (missing or unused):  # checked before anything is copied
+        raise UserError(f"{adapter_dir}: adapter and model LoRA differ: missing {missing[:3]}, "
+                        f"without a branch {unused[:3]}",
                         hint="apply_lora with lora_config_from_adapter(adapter_config) so the targets agree")
+    for module, br, ka, kb in todo:
+        a, b = module.lora_plan.shard(br.plan, weights[ka], weights[kb])
+        br.lora_A.copy_(a)
+        br.lora_B.copy_(b)
     return len(used)

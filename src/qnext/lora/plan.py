@@ -20,7 +20,7 @@ the HF-layout B, whatever the TP size; the same holds for a row-parallel A's col
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -110,7 +110,8 @@ class ModulePlan:
     tp_rank: int
     branches: tuple[BranchPlan, ...]
 
-    def shard(self, branch: BranchPlan, a_full: torch.Tensor, b_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def shard(self, branch: BranchPlan, a_full: torch.Tensor,
+              b_full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (A, B) of a branch from the HF-layout A [r, in] and B [out, r]."""
         r = a_full.shape[0]
         if tuple(a_full.shape) != (r, branch.in_features) or tuple(b_full.shape) != (branch.out_features, r):
@@ -214,7 +215,8 @@ def plan_module(
         out_rows, in_features = dims[n]
         perm = m.transform.row_permutation([out_rows], wm.dims)
         if len(m.hf) != 1 or perm is None or not torch.equal(perm, torch.arange(out_rows)):
-            raise UserError(f"{n}: a row-parallel LoRA needs the HF weight unchanged in Megatron ({m.rule.transform.describe()})")
+            raise UserError(f"{n}: a row-parallel LoRA needs the HF weight unchanged in Megatron "
+                            f"({m.rule.transform.describe()})")
         branches.append(BranchPlan(hf_module(n).rsplit(".", 1)[-1], hf_module(n), in_features, out_rows, slice(None),
                                    _chunk(in_features, tp_size, tp_rank, n), None))
         out_local = out_rows
@@ -224,7 +226,3 @@ def plan_module(
         raise AssertionError(f"{module}: two branches share a name {[b.name for b in branches]}")
     return ModulePlan(layer, module, kind, out_local, tp_size, tp_rank, tuple(branches))
 
-
-def stage_layers(layer_numbers: Iterable[int]) -> list[int]:
-    """0-based global layer indices from megatron's 1-based ``TransformerLayer.layer_number``."""
-    return [n - 1 for n in layer_numbers]
