@@ -5,7 +5,8 @@ torch GDN path):
   module, checked against an independent reference (the model's logits scored HF-style: logits at
   t-1 against the unshifted label at t), and the count is the number of labelled tokens;
 - the backward pass gives finite, non-zero gradients to every trained weight;
-- the start-up check finds every model tensor in the converted checkpoint and names one that is not.
+- the start-up check finds every model tensor in the converted checkpoint and names one that is not;
+- the LoRA hook (with ``qnext.lora``) adds adapter tensors only and leaves the base keys alone.
 
 Slow: imports megatron and builds the tiny model (about a minute on 2 cores).
 """
@@ -35,6 +36,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_loaded(cfg: dict, ckpt: Path):
+    from qnext.megatron.model import build_model, load_torch_dist
+    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES, construction_device
+
+    with construction_device("cpu"):
+        model = build_model(cfg, None, torch.float32, use_te=False,
+                            config_overrides={**CPU_BUILD_OVERRIDES, "deterministic_mode": True,
+                                              "calculate_per_token_loss": True})
+    load_torch_dist(model, ckpt)
+    return model
+
+
 @pytest.fixture(scope="module")
 def model_and_data(tmp_path_factory):
     from convert_fixtures import small_config, write_hf_checkpoint
@@ -42,8 +55,7 @@ def model_and_data(tmp_path_factory):
     from qnext.convert import convert_hf_to_torch_dist
     from qnext.data.dataset import build_datasets
     from qnext.data.tokenizer import load_tokenizer
-    from qnext.megatron.model import build_model, load_torch_dist
-    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES, construction_device, initialize_parallel, use_torch_gdn_path
+    from qnext.megatron.parallel import initialize_parallel, use_torch_gdn_path
 
     base = tmp_path_factory.mktemp("fwd")
     cfg = small_config()
@@ -53,17 +65,13 @@ def model_and_data(tmp_path_factory):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     initialize_parallel(None, backend="gloo")
     use_torch_gdn_path()
-    with construction_device("cpu"):
-        model = build_model(cfg, None, torch.float32, use_te=False,
-                            config_overrides={**CPU_BUILD_OVERRIDES, "deterministic_mode": True,
-                                              "calculate_per_token_loss": True})
-    load_torch_dist(model, base / "mg")
+    model = build_loaded(cfg, base / "mg")
     tok = load_tokenizer(None)
     train, _, _ = build_datasets(REPO / "data/sample/chats.jsonl", tok, SEQ, pack=False, valid_fraction=0.05)
     vocab = cfg["vocab_size"]  # the fixture's small vocabulary: fold the real ids into it
     samples = [{**s, "input_ids": [t % vocab for t in s["input_ids"]],
                 "labels": [t % vocab if t != -100 else t for t in s["labels"]]} for s in train[:4]]
-    return model, samples, tok.pad_token_id % vocab, base / "mg"
+    return model, samples, tok.pad_token_id % vocab, base / "mg", cfg
 
 
 def reference_sum(model, samples, pad_id) -> tuple[float, int]:
@@ -88,7 +96,7 @@ def test_reported_loss_is_the_sum_over_labelled_tokens_and_grads_flow(model_and_
     from qnext.megatron.data import forward_step, megatron_batch, reduce_report
     from qnext.megatron.parallel import construction_device
 
-    model, samples, pad_id, _ = model_and_data
+    model, samples, pad_id, _, _ = model_and_data
     batches = [megatron_batch(samples[i:i + 2], pad_id, SEQ, pack=False) for i in (0, 2)]
     data = iter(batches)
     model.eval()
@@ -122,8 +130,44 @@ def test_reported_loss_is_the_sum_over_labelled_tokens_and_grads_flow(model_and_
 def test_start_up_check_names_weights_missing_from_the_checkpoint(model_and_data):
     from qnext.megatron.checkpoint import checkpoint_tensor_keys, missing_base_keys
 
-    model, _, _, ckpt = model_and_data
+    model, _, _, ckpt, _ = model_and_data
     keys = checkpoint_tensor_keys(ckpt)
     assert missing_base_keys(model, keys) == []
     dropped = sorted(k for k in keys if k.endswith("self_attention.linear_proj.weight"))[0]
     assert missing_base_keys(model, keys - {dropped}) == [dropped]
+
+
+def test_lora_hook_adds_adapters_only(model_and_data):
+    """The training entry's LoRA hook with the real qnext.lora: base keys unchanged (megatron's load
+    finds them), only adapters train, and at initialisation (B = 0) the loss is the base model's."""
+    from qnext.config import load_config
+    from qnext.megatron.checkpoint import model_tensor_keys
+    from qnext.megatron.data import forward_step, megatron_batch
+    from qnext.megatron.parallel import construction_device
+    from qnext.megatron.train import attach_lora
+
+    base_model, samples, pad_id, ckpt, cfg = model_and_data
+    model = build_loaded(cfg, ckpt)
+    before = model_tensor_keys(model)
+    attach_lora(model, load_config(["model=tiny_qwen3_next", "train=lora"]), cfg)
+    from qnext.lora import lora_parameters
+
+    after = model_tensor_keys(model)
+    assert before <= after and len(after) > len(before)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable and trainable == {id(p) for p in lora_parameters(model)}
+
+    batch = megatron_batch(samples[:2], pad_id, SEQ, pack=False)
+    with construction_device("cpu"):
+        base_model.eval()
+        model.eval()
+        with torch.no_grad():
+            out, fn = forward_step(iter([batch]), base_model)
+            want = float(fn(out)[0])
+        model.train()
+        out, fn = forward_step(iter([batch]), model)
+        loss, count, _ = fn(out)
+        (loss / count).backward()
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+    grads = [p.grad for n, p in model.named_parameters() if p.requires_grad]
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)

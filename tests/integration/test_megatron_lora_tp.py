@@ -9,7 +9,8 @@ processes.
   ``qnext.lora.peft_io``). Merged equals unmerged; a megatron torch_dist save with LoRA loads back.
 - TP2 (and TP2 + sequence parallel): the same adapter loaded with ``load_peft_adapter`` gives the same
   logits, the same (gathered) LoRA gradients as TP1, exports back to the same tensors, merges to the
-  same logits; its torch_dist save loads at TP1 with the LoRA tensors in HF layout.
+  same logits; its torch_dist save holds the LoRA tensors in HF layout: an adapter exported offline
+  from it is the input adapter, and it loads at TP1.
 Slow (imports megatron and transformers, two extra processes): about a minute on 2 cores.
 """
 from __future__ import annotations
@@ -358,7 +359,7 @@ def test_tp2_and_sequence_parallel_equal_tp1(tiny, tp1_all, tmp_path):
     from safetensors.torch import load_file
 
     from qnext.config.schema import LoraConfig
-    from qnext.lora import apply_lora, hf_lora_tensors
+    from qnext.lora import apply_lora, export_adapter_from_checkpoint, hf_lora_tensors
     from qnext.megatron.model import load_torch_dist
 
     paths = {"hf": str(tiny["hf"]), "mg": str(tiny["mg"]), "adapter": str(tiny["adapter_all"])}
@@ -379,7 +380,11 @@ def test_tp2_and_sequence_parallel_equal_tp1(tiny, tp1_all, tmp_path):
         for k, t in tiny["tensors"].items():
             assert torch.equal(r["params"][k], t) and torch.equal(exported[k], t), f"{name}: {k}"
 
-    # the TP2 torch_dist save (base + LoRA) loads at TP1: LoRA tensors in HF layout
+    # the TP2 torch_dist save (base + LoRA): its LoRA tensors are the adapter's, read offline ...
+    adapter = export_adapter_from_checkpoint(tmp_path / "ckpt_tp2", tmp_path / "adapter_offline", LoraConfig(**ALL))
+    offline = load_file(str(adapter / "adapter_model.safetensors"))
+    assert set(offline) == set(tiny["tensors"]) and all(torch.equal(offline[k], t) for k, t in tiny["tensors"].items())
+    # ... and loaded at TP1
     fresh, cfg = build(tiny["hf"], tiny["mg"])
     apply_lora(fresh, LoraConfig(**ALL), hf_config=cfg, seed=99)
     load_torch_dist(fresh, tmp_path / "ckpt_tp2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -20,7 +21,7 @@ from ..errors import UserError
 from ..export import ADAPTER_WEIGHTS, read_adapter
 from ..fsutil import atomic_dir
 from .apply import decoder_layers, lora_config_of, lora_modules
-from .plan import COLUMN, peft_targets, shared_expert_targets, target_matches
+from .plan import COLUMN, HF_LAYER, linear_modules, peft_targets, shared_expert_targets, target_matches
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,60 @@ def export_peft_adapter(
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
+
+
+_CKPT_LORA_KEY = re.compile(r"^decoder\.layers\.(?P<i>\d+)\.(?P<module>.+)\.lora\.(?P<branch>[^.]+)\.lora_(?P<f>[AB])$")
+
+
+def checkpoint_lora_tensors(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a torch_dist checkpoint (any TP layout: they are stored in HF layout)
+    under PEFT's names, read on the CPU without building a model."""
+    from ..convert.dcp_io import DcpReader
+    from ..convert.megatron_dir import resolve_iteration_dir
+
+    reader = DcpReader(resolve_iteration_dir(ckpt_dir))
+    hf_of = {(mg, hf.rsplit(".", 1)[-1]): hf for hf, mg in linear_modules().items()}
+    out = {}
+    try:
+        for key in sorted(reader.tensors()):
+            m = _CKPT_LORA_KEY.match(key)
+            if m is None:
+                continue
+            hf_rel = hf_of.get((m["module"], m["branch"]))
+            if hf_rel is None:
+                raise UserError(f"{ckpt_dir}: LoRA tensor {key} belongs to no HF linear of the weight map",
+                                hint="was it saved by qnext.lora for Qwen3-Next?")
+            out[peft_key(f"{HF_LAYER.format(i=m['i'])}.{hf_rel}", m["f"])] = reader.read(key).clone()
+    finally:
+        reader.close()
+    return out
+
+
+def export_adapter_from_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    lora: LoraConfig,
+    *,
+    base_model: Optional[str | os.PathLike] = None,
+    overwrite: bool = False,
+) -> Path:
+    """A PEFT adapter directory from the LoRA tensors of a torch_dist checkpoint saved after
+    ``apply_lora`` (``lora``: the run's LoRA config, for alpha and dropout; r is checked)."""
+    from safetensors.torch import save_file
+
+    tensors = checkpoint_lora_tensors(ckpt_dir)
+    if not tensors:
+        raise UserError(f"{ckpt_dir} holds no LoRA tensors", hint="export a checkpoint of a train.mode=lora run")
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A.weight")}
+    if ranks != {lora.r}:
+        raise UserError(f"{ckpt_dir}: LoRA rank {sorted(ranks)} in the checkpoint, {lora.r} in the config",
+                        hint="pass the run's train.lora settings")
+    modules = sorted({k[len(PEFT_PREFIX):-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")})
+    config = peft_config(lora, modules, str(Path(base_model).resolve()) if base_model else None)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(out_dir)
 
 
 def lora_config_from_adapter(adapter_cfg: Mapping[str, Any]) -> LoraConfig:

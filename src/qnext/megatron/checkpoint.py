@@ -100,10 +100,11 @@ def model_tensor_keys(model) -> set[str]:
     return {v.key for v in nested_values(sd) if isinstance(v, ShardedTensor)}
 
 
-def missing_base_keys(model, checkpoint_keys: Iterable[str]) -> list[str]:
+def missing_base_keys(model, checkpoint_keys: Iterable[str], model_keys: Optional[set[str]] = None) -> list[str]:
     """Tensors ``model`` needs that the checkpoint lacks (TE ``_extra_state`` excepted)."""
     have = set(checkpoint_keys)
-    return sorted(k for k in model_tensor_keys(model) if k not in have and not k.endswith(EXTRA_STATE_SUFFIX))
+    want = model_tensor_keys(model) if model_keys is None else model_keys
+    return sorted(k for k in want if k not in have and not k.endswith(EXTRA_STATE_SUFFIX))
 
 
 def prune_checkpoints(save_root: str | os.PathLike, keep: int) -> list[Path]:

@@ -175,7 +175,7 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
     """The function megatron.training's ``get_model`` calls on every rank (once per model chunk)."""
     import torch
 
-    from .checkpoint import missing_base_keys
+    from .checkpoint import missing_base_keys, model_tensor_keys
     from .model import build_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -185,8 +185,10 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
         model = build_model(prep.hf, prep.cfg.parallel, dtype, prep.use_te, pre_process=pre_process,
                             post_process=post_process, vp_stage=vp_stage, pg_collection=pg_collection,
                             config_overrides=overrides)
+        base_keys = None
         if check_base_against is not None:
-            missing = missing_base_keys(model, check_base_against)
+            base_keys = model_tensor_keys(model)
+            missing = missing_base_keys(model, check_base_against, base_keys)
             if missing:
                 raise UserError(
                     f"model.megatron_checkpoint={prep.cfg.model.megatron_checkpoint} lacks {len(missing)} weight(s) "
@@ -194,6 +196,11 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
                     hint="was it converted (make convert) from the model given by model.hf_config?")
         if prep.cfg.train.mode == "lora":
             model = attach_lora(model, prep.cfg, prep.hf)
+            if base_keys is not None:
+                # megatron's load tolerates absent keys (the adapters): base weights must keep their keys
+                renamed = sorted(base_keys - model_tensor_keys(model))
+                if renamed:
+                    raise RuntimeError(f"LoRA changed the checkpoint keys of base weights, e.g. {renamed[:4]}")
         return model
 
     return provide
