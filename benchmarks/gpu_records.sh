@@ -8,7 +8,7 @@ kind=${1:?usage: gpu_records.sh KIND [OUTDIR]}
 out=${2:-${OUT:-benchmarks/results}}
 py=${PY:-python3}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
 log="$out/records-$kind.log"
 step() { echo "=== $(date -u +%FT%TZ) $*" | tee -a "$log"; }
 timed() { local t0=$SECONDS; "$@"; local rc=$?; echo "--- exit $rc after $((SECONDS - t0)) s: $*"; return $rc; }

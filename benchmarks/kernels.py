@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,15 +35,28 @@ def _bench(fn, grads_of=()) -> float:
 
 
 def time_fwd_bwd(forward, leaves: list[torch.Tensor], dout: torch.Tensor) -> dict:
-    """forward() builds the graph from ``leaves``; returns fwd/bwd medians (ms) and peak memory (GiB)."""
+    """forward() builds the graph from ``leaves``; returns fwd/bwd medians (ms) and peak memory (GiB).
+
+    The backward is timed on a retained graph where the kernel allows it. torch.compile'd backwards
+    (flex attention) donate their buffers and refuse a retained graph: there forward+backward is timed
+    as one and the backward is that minus the forward (``bwd_from``: "fwd+bwd - fwd")."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     out = forward()
-    out.backward(dout, retain_graph=True)
+    out.backward(dout)
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     fwd = _bench(forward)
+    out = forward()
+    try:
+        out.backward(dout, retain_graph=True)
+    except RuntimeError as err:
+        if "retain_graph" not in str(err):
+            raise
+        del out
+        total = _bench(lambda: forward().backward(dout), leaves)
+        return {"fwd_ms": fwd, "bwd_ms": total - fwd, "total_ms": total, "peak_gib": peak, "bwd_from": "fwd+bwd - fwd"}
     bwd = _bench(lambda: out.backward(dout, retain_graph=True), leaves)
     return {"fwd_ms": fwd, "bwd_ms": bwd, "total_ms": fwd + bwd, "peak_gib": peak}
 
@@ -116,11 +131,18 @@ def bench_gdn(case: GDNCase) -> dict:
     return {"kernel": "gdn", "config": case.name, "timing": res, "parity": parity_summary([fla_row, torch_row])}
 
 
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def markdown(results: list[dict], env: dict, command: str) -> str:
     lines = [f"# Kernel benchmarks on {env.get('gpu', '?')}", "",
              f"Command: `{command}`  ", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "Median times (ms) of `triton.testing.do_bench`; forward with autograd recording, backward on a retained graph;",
-             "peak = extra memory of one forward+backward. Parity: largest relative error vs the float32 reference.", ""]
+             "peak = extra memory of one forward+backward. Parity: largest relative error vs the float32 reference.",
+             "bwd* = (forward+backward) - forward, where the compiled backward refuses a retained graph (flex).", ""]
     for kernel in dict.fromkeys(r["kernel"] for r in results):
         lines += [f"## {kernel}", "", "| config | impl | fwd ms | bwd ms | fwd+bwd ms | peak GiB | parity (worst) | pass |",
                   "|---|---|---:|---:|---:|---:|---|---|"]
@@ -130,7 +152,7 @@ def markdown(results: list[dict], env: dict, command: str) -> str:
                 if "error" in t:
                     lines.append(f"| {r['config']} | {impl} | — | — | — | — | {t['error']} | no |")
                     continue
-                lines.append(f"| {r['config']} | {impl} | {t['fwd_ms']:.3f} | {t['bwd_ms']:.3f} | {t['total_ms']:.3f} | "
+                lines.append(f"| {r['config']} | {impl} | {t['fwd_ms']:.3f} | {t['bwd_ms']:.3f}{'*' if 'bwd_from' in t else ''} | {t['total_ms']:.3f} | "
                              f"{t['peak_gib']:.2f} | {p.get('worst', '')} | {'yes' if p.get('passed') else 'NO'} |")
         lines.append("")
     return "\n".join(lines)
@@ -145,25 +167,28 @@ def main(argv: list[str] | None = None) -> int:
         print("bench-kernels needs a CUDA GPU", file=sys.stderr)
         return 2
     command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
-    results = []
-    attn_cfgs = [(4096, None)] if args.quick else [(4096, None), (8192, None), (8192, packed_lengths(8192, 4, seed=5))]
-    moe_cfgs = [(4096, 64)] if args.quick else [(4096, 64), (4096, 512)]
-    gdn_cfgs = [GDNCase(4096)] if args.quick else [GDNCase(4096), GDNCase(8192), GDNCase(8192, cu_seqlens=packed_lengths(8192, 6, seed=2))]
-    for T, cu in attn_cfgs:
-        results.append(bench_attention(T, cu))
-        print(json.dumps(results[-1]), flush=True)
-    for n, e in moe_cfgs:
-        results.append(bench_moe(n, e))
-        print(json.dumps(results[-1]), flush=True)
-    for case in gdn_cfgs:
-        results.append(bench_gdn(case))
-        print(json.dumps(results[-1]), flush=True)
+    # the one-size configs of every kernel first, then the long/packed ones: results are written after
+    # each config, so a run stopped early still leaves a table of what it measured
+    jobs = [(bench_attention, (4096, None)), (bench_moe, (4096, 64)), (bench_gdn, (GDNCase(4096),))]
+    if not args.quick:
+        jobs += [(bench_moe, (4096, 512)), (bench_attention, (8192, None)),
+                 (bench_attention, (8192, packed_lengths(8192, 4, seed=5))), (bench_gdn, (GDNCase(8192),)),
+                 (bench_gdn, (GDNCase(8192, cu_seqlens=packed_lengths(8192, 6, seed=2)),))]
     env = environment()
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu", "gpu")).strip("-").lower()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"kernels-{slug}.json").write_text(json.dumps({"command": command, "environment": env, "results": results}, indent=1))
-    md_text = markdown(results, env, command)
-    (args.out / f"kernels-{slug}.md").write_text(md_text)
+    results: list[dict] = []
+    md_text = ""
+    for k, (fn, fn_args) in enumerate(jobs, start=1):
+        t0 = time.perf_counter()
+        results.append(fn(*fn_args))
+        print(json.dumps(results[-1]), flush=True)
+        print(f"[kernels] {k}/{len(jobs)} {results[-1]['kernel']} {results[-1]['config']}: "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        doc = {"command": command, "environment": env, "complete": k == len(jobs), "results": results}
+        atomic_write(args.out / f"kernels-{slug}.json", json.dumps(doc, indent=1))
+        md_text = markdown(results, env, command)
+        atomic_write(args.out / f"kernels-{slug}.md", md_text)
     print(md_text)
     ok = all(p.get("passed") for r in results for p in r["parity"].values())
     return 0 if ok else 1

@@ -47,3 +47,19 @@ def test_attention_and_moe_checks_fail_when_perturbed(monkeypatch):
     bad += moe.check_case(mcase, ("sequential",), CPU, dtype=torch.float32)
     assert bad and not any(r.passed for r in bad), "\n".join(r.line() for r in bad)
     assert all(r.errors and max(r.errors.values()) >= 0.04 for r in bad), "\n".join(r.line() for r in bad)
+
+
+def test_a_config_that_cannot_launch_is_skipped_but_a_crash_fails():
+    """Autotune sweep rows: an OutOfResources config (Triton's autotuner discards it) is reported as
+    SKIP and does not fail the suite; any other error, or an error without the skip mark, fails."""
+    from qnext.kernels.report import Check, markdown_table
+
+    oom = "OutOfResources: out of resource: shared memory, Required: 255500, Hardware limit: 232448."
+    crashed = Check("gdn", "T=2048", "fla", {}, {"o": 1e-2}, error=oom)
+    assert not crashed.passed and crashed.line().startswith("FAIL")
+    skipped = Check("gdn", "T=2048", "fla", {}, {"o": 1e-2}, error=oom, skipped="does not fit")
+    assert skipped.passed and skipped.line().startswith("SKIP")
+    bad = Check("gdn", "T=2048", "fla", {"o": 2e-2}, {"o": 1e-2})
+    assert not bad.passed
+    table = markdown_table([skipped, bad])
+    assert "skipped: does not fit" in table and "| FAIL |" in table

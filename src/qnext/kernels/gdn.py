@@ -295,6 +295,8 @@ def sweep_configs(case: GDNCase, device: torch.device, ds_t_dot: bool | None = N
             for cfg in list(tuner.configs):
                 with forced_config(tuner, cfg):
                     row, _ = check_case(case, "fla", device, ref=ref, note=f"{name} {config_label(cfg)}")
+                if row.error is not None and row.error.startswith("OutOfResources"):
+                    row.skipped = "config does not fit this GPU (the autotuner discards it)"
                 rows.append(row)
     return [first, *rows]
 

@@ -53,9 +53,14 @@ class Check:
     error: str | None = None  # exception text, if the candidate crashed
     seconds: float = 0.0
     note: str = ""
+    # set when the candidate cannot run here at all and would never be picked (an autotune config
+    # that does not fit the GPU's shared memory: Triton's autotuner discards it); not a failure
+    skipped: str | None = None
 
     @property
     def passed(self) -> bool:
+        if self.skipped is not None:
+            return True
         if self.error is not None or not self.errors:
             return False
         return all(math.isfinite(v) and v <= self.thresholds.get(k, math.inf) for k, v in self.errors.items())
@@ -81,7 +86,8 @@ class Check:
         return f"{self.case}: " + " ".join(parts) + f" ({self.seconds:.1f}s){note}"
 
     def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'} {self.kernel:9s} {self.impl:10s} {self.detail()}"
+        verdict = "SKIP" if self.skipped is not None else ("PASS" if self.passed else "FAIL")
+        return f"{verdict} {self.kernel:9s} {self.impl:10s} {self.detail()}"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -108,10 +114,10 @@ def markdown_table(checks: Iterable[Check]) -> str:
         for c in rows:
             if c.error is not None:
                 vals = ["—"] * len(keys)
-                res = f"FAIL: {c.error[:80]}"
+                res = f"skipped: {c.skipped}" if c.skipped is not None else f"FAIL: {c.error[:80]}"
             else:
                 vals = [("NaN" if not math.isfinite(c.errors[k]) else f"{c.errors[k]:.1e}") if k in c.errors else "" for k in keys]
-                res = "pass" if c.passed else "FAIL"
+                res = "skipped" if c.skipped is not None else ("pass" if c.passed else "FAIL")
             out.append(f"| {c.case} | {c.impl} | " + " | ".join(vals) + f" | {res} |")
         out.append("")
     return "\n".join(out)

@@ -87,13 +87,13 @@ def run_suite(name: str, device: torch.device, emit: Emit = lambda r: None) -> l
         rows += _emit_all(moe.check_case(moe.MoECase(2048, 64), ("sequential", "grouped"), device), emit)
     if name == "full":
         rows += _gdn(gdn_full_cases(), device, emit)
-        for case in SWEEP_CASES:
-            rows += _emit_all(gdn.sweep_configs(case, device), emit)
         for case in (attention.AttnCase(1024), attention.AttnCase(4096),
                      attention.AttnCase(4096, cu_seqlens=packed_lengths(4096, 3, seed=4))):
             rows += _emit_all(attention.check_case(case, ("eager", "sdpa", "flex"), device), emit)
         for case in (moe.MoECase(4096, 64), moe.MoECase(4096, 64, skew=True), moe.MoECase(2048, 512)):
             rows += _emit_all(moe.check_case(case, ("sequential", "grouped"), device), emit)
+        for case in SWEEP_CASES:  # last: compiles every autotune config of every fla kernel
+            rows += _emit_all(gdn.sweep_configs(case, device), emit)
     if name == "bug640":
         for case in (GDNCase(2048, "fla640"), GDNCase(2048, "fla640_strong"), GDNCase(2048, "qwen3next"),
                      GDNCase(1024, "fla640", K=100, V=100, H=4, HV=4)):
