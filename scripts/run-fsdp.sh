@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # keep fla's autotune results on disk: later launches skip the tuning
 NPROC=${NPROC:-1}
 if [ "$NPROC" = "1" ] && [ -z "${TORCHRUN_ARGS:-}" ]; then
   exec "$PY" -m qnext.fsdp.train "$@"

@@ -14,4 +14,5 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}          # no NVLink multicast (N
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: ordered TP/SP communication
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # keep fla's autotune results on disk: later launches skip the tuning
 exec "$PY" -m qnext.launch multi "$@"

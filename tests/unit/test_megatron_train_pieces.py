@@ -229,3 +229,38 @@ def test_metrics_go_to_the_writers_megatron_opened(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["mfu"] == 0.4
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "MFU 40.0%" in format_record({"step": 1, **rec})
+
+
+class _Wrapper:  # a megatron optimizer's shape: .optimizer is the torch one (chained: .chained_optimizers)
+    def __init__(self, opt):
+        self.optimizer = opt
+
+
+def test_primed_adam_state_is_what_the_first_step_creates_and_has_one_step():
+    """Resume without Apex/TE: megatron's DistributedOptimizer.state_dict reads one ``step`` from
+    every parameter's torch Adam state, which a fresh optimizer lacks. Primed states must give it
+    one step value, and training from them must equal training from a fresh optimizer."""
+    from qnext.megatron.train import prime_adam_states
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    grads = [torch.randn_like(p) for p in params]
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    primed = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt_fresh = torch.optim.AdamW(fresh, lr=1e-2, weight_decay=0.1)
+    opt_primed = torch.optim.AdamW(primed, lr=1e-2, weight_decay=0.1)
+
+    chained = type("Chained", (), {"chained_optimizers": [_Wrapper(opt_primed)]})()
+    assert prime_adam_states(chained) == 2
+    assert prime_adam_states(chained) == 0  # already primed: nothing touched
+    state = opt_primed.state_dict()["state"]
+    assert len({s["step"].item() for s in state.values()}) == 1  # megatron's assertion holds
+
+    for _ in range(3):
+        for ps, opt in ((fresh, opt_fresh), (primed, opt_primed)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fresh, primed):
+        assert torch.equal(a, b)
+    assert opt_primed.state_dict()["state"][0]["step"].item() == 3

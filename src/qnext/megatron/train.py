@@ -207,6 +207,41 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
 
 
 # ------------------------------------------------------------------------------------------ the run
+def torch_optimizers(optimizer) -> list:
+    """The torch.optim optimizers inside a megatron optimizer (chained or not)."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    wrappers = chained if chained is not None else [optimizer]
+    return [w.optimizer for w in wrappers if getattr(w, "optimizer", None) is not None]
+
+
+def prime_adam_states(optimizer) -> int:
+    """Give every parameter of torch's Adam/AdamW inside ``optimizer`` an empty state (step 0, zero
+    moments), as a fresh optimizer has after its first ``step`` call would create it; returns how
+    many were primed.
+
+    Why: without Apex or Transformer Engine, megatron-core 0.19.2's DistributedOptimizer builds the
+    sharded state dict it loads *into* from ``torch.optim.Adam.state_dict()``, reading each
+    parameter's ``step`` (``assert len(steps) == 1`` in ``DistributedOptimizer.state_dict``). A fresh
+    optimizer has no state yet, so resuming a TE-free run stopped there. The primed values are those
+    torch would create at the first step (so training from them is unchanged) and are overwritten by
+    the checkpoint's on load."""
+    import torch
+
+    n = 0
+    for opt in torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in opt.param_groups:
+            on_device = group.get("capturable") or group.get("fused")  # where torch keeps ``step``
+            for p in group["params"]:
+                if len(opt.state[p]) == 0:
+                    opt.state[p] = {"step": torch.tensor(0.0, dtype=torch.float32, device=p.device if on_device else None),
+                                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                    n += 1
+    return n
+
+
 def initialize_megatron_without_dataset_helpers(args) -> None:
     """``megatron.training.initialize_megatron`` without its last step.
 
@@ -327,8 +362,21 @@ class MegatronRun:
         ckpt = self.prep.ckpt
         base_keys = None if ckpt.resuming else checkpoint_tensor_keys(ckpt.pretrained)
         provider = model_provider(self.prep, self.args, base_keys)
-        self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
-            ModelType.encoder_or_decoder, provider, checkpointing_context={})
+        import megatron.training.training as mtraining
+
+        load = mtraining.load_checkpoint
+
+        def load_with_adam_state(model, optimizer, *a, **k):
+            if ckpt.resuming and optimizer is not None:
+                prime_adam_states(optimizer)
+            return load(model, optimizer, *a, **k)
+
+        mtraining.load_checkpoint = load_with_adam_state  # for this call only (see prime_adam_states)
+        try:
+            self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
+                ModelType.encoder_or_decoder, provider, checkpointing_context={})
+        finally:
+            mtraining.load_checkpoint = load
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.timers = get_timers()
