@@ -14,6 +14,11 @@ NPROC=${NPROC:-1}
 if [ "$NPROC" = "1" ] && [ -z "${TORCHRUN_ARGS:-}" ]; then
   exec "$PY" -m qnext.fsdp.train "$@"
 fi
+# one clear message before any process starts (inside torchrun every rank would print it, then
+# torchrun its own failure report); with TORCHRUN_ARGS (several nodes) the ranks validate themselves
+if [ -z "${TORCHRUN_ARGS:-}" ]; then
+  "$PY" -m qnext.config validate "$@" --world-size "$NPROC" >/dev/null || exit $?
+fi
 # OMP threads per process: the CPU cores shared out (torchrun would default to 1)
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   cores=$(nproc 2>/dev/null || echo 1)

@@ -1,6 +1,7 @@
 """``make demo``: the whole FSDP path on a tiny random Qwen3-Next, on CPU, in a few minutes.
 
-1. write a seeded random tiny checkpoint in the hub's layout (``<out>/tiny-hf``)
+1. write a seeded random tiny checkpoint in the hub's layout (``<out>/tiny-hf``; initialisation
+   scaled to the tiny width, see ``DEMO_CHECKPOINT_OVERRIDES``)
 2. LoRA-train it on the bundled sample chats (recipe ``tiny_lora_cpu``), generating on the eval
    prompts before and after (``<out>/train``: metrics.jsonl, loss_curve.png, checkpoints, adapter)
 3. export: the PEFT adapter (``<out>/adapter``) and a merged HF checkpoint (``<out>/merged``)
@@ -32,6 +33,11 @@ from .errors import UserError, cli_main  # noqa: E402
 DEMO_MARKER = "demo.json"
 TARGET_ACCURACY = 0.90
 TARGET_LOGIT_DIFF = 1e-5
+# transformers initialises matrices with std = initializer_range (0.02, sized for hidden 2048). At the
+# tiny width (hidden 128) that leaves activations and logits ~4x smaller than at the real width: a
+# frozen LM head of rows with norm 0.23 caps every logit near 2.5, and LoRA cannot make the model
+# confident of anything. std 0.08 = 0.02 * sqrt(2048 / 128) restores the real width's scale.
+DEMO_CHECKPOINT_OVERRIDES = {"initializer_range": 0.08}
 
 
 def _prepare_out(out: Path) -> None:
@@ -69,6 +75,9 @@ def _compare_exports(base: Path, adapter: Path, merged: Path, prompts_path: Path
         logits_merged = reloaded(input_ids=ids).logits
     res["merged_vs_in_memory"] = (logits_merged - logits_mem).abs().max().item()
     res["adapter_vs_in_memory"] = (logits_adapter - logits_mem).abs().max().item()
+    # the adapter runs unmerged (x W + s B A x), the reference merged (x (W + s B A)): they differ by
+    # float32 rounding, which grows with the logits' size; so this one is judged relative to it
+    res["adapter_vs_in_memory_rel"] = res["adapter_vs_in_memory"] / logits_mem.abs().max().item()
     if prompts_path is not None:
         prompts = load_eval_prompts(prompts_path)
         replies = generate_replies(hf_generate_fn(reloaded), tok, prompts, max_new_tokens=24)
@@ -97,7 +106,7 @@ def run_demo(out: Path, overrides: list[str]) -> int:
     times: dict[str, float] = {}
 
     t = time.time()
-    ckpt = write_tiny_checkpoint(out / "tiny-hf", seed=0)
+    ckpt = write_tiny_checkpoint(out / "tiny-hf", seed=0, overrides=DEMO_CHECKPOINT_OVERRIDES)
     times["checkpoint"] = time.time() - t
     print(f"[demo] tiny checkpoint: {ckpt} ({times['checkpoint']:.1f}s)", flush=True)
 
@@ -137,7 +146,8 @@ def run_demo(out: Path, overrides: list[str]) -> int:
     checks = {
         f"memorized facts after training >= {TARGET_ACCURACY:.0%}": acc_after >= TARGET_ACCURACY,
         f"merged export logits = in-memory merge (< {TARGET_LOGIT_DIFF:g})": cmp["merged_vs_in_memory"] < TARGET_LOGIT_DIFF,
-        f"adapter export logits = in-memory merge (< {TARGET_LOGIT_DIFF:g})": cmp["adapter_vs_in_memory"] < TARGET_LOGIT_DIFF,
+        f"adapter export logits = in-memory merge (< {TARGET_LOGIT_DIFF:g} of max |logit|)":
+            cmp["adapter_vs_in_memory_rel"] < TARGET_LOGIT_DIFF,
         "loss curve written": png.is_file(),
     }
     rows = [
@@ -149,7 +159,8 @@ def run_demo(out: Path, overrides: list[str]) -> int:
         ("paraphrased prompts (held out)", f"before {held_before} -> after {held_after}"),
         ("reloaded merged model, trained prompts", f"{frac_reload} ({acc_reload:.0%})"),
         ("max |logits| diff merged reload vs in-memory", f"{cmp['merged_vs_in_memory']:.2e}"),
-        ("max |logits| diff adapter vs in-memory merge", f"{cmp['adapter_vs_in_memory']:.2e}"),
+        ("max |logits| diff adapter vs in-memory merge",
+         f"{cmp['adapter_vs_in_memory']:.2e} ({cmp['adapter_vs_in_memory_rel']:.1e} of max |logit|)"),
         ("time: checkpoint / train / export / reload", " / ".join(f"{times[k]:.0f}s" for k in ("checkpoint", "train", "export", "reload"))),
         ("wall time", f"{wall:.0f}s"),
         ("loss curve", str(png)),

@@ -222,3 +222,15 @@ def test_export_refuses_non_empty_output(tiny, full_run):
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "not empty" in res.stderr and "Traceback" not in res.stderr
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+@pytest.mark.parametrize("key", ["experts", "shared_expert"])
+def test_expert_lora_is_refused_before_training(tiny, key):
+    """PEFT saves (shared-)expert adapters of transformers 5's fused MoE as target_parameters, which
+    the streaming merged export cannot apply: refused up front, one message, exit 2, nothing trained."""
+    out = tiny["root"] / f"refused-{key}"
+    res = run_train(_args(tiny, out, "train.steps=2", f"train.lora.{key}=true"), check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert f"train.lora.{key}=true is not supported by the FSDP backend" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (out / "metrics.jsonl").exists()

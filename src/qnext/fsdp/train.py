@@ -224,10 +224,13 @@ class Trainer:
         if self.lora:
             for p in model.parameters():
                 p.requires_grad_(False)
+            if cfg.train.lora.experts or cfg.train.lora.shared_expert:
+                # PEFT 0.21 saves (shared-)expert adapters of transformers 5's fused MoE as
+                # target_parameters with a rank_pattern, which export's streaming merge cannot apply
+                key = "experts" if cfg.train.lora.experts else "shared_expert"
+                raise UserError(f"train.lora.{key}=true is not supported by the FSDP backend yet",
+                                hint=f"leave train.lora.{key}=false (or use the Megatron backend)")
             model = apply_lora(model, cfg.train.lora, seed=cfg.train.seed)
-            if cfg.train.lora.experts:
-                raise UserError("train.lora.experts=true is not supported by the FSDP backend yet",
-                                hint="leave train.lora.experts=false (or use the Megatron backend)")
         else:
             model = set_full_training(model)
         if cfg.parallel.recompute != "none":
