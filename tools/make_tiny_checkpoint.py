@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="copy this tokenizer directory (default: built-in Qwen3-Next)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config.json key (JSON value), repeatable")
+    ap.add_argument("--max-total-gib", type=float, default=8.0,
+                    help="refuse checkpoints larger than this (default 8; raise it for a real-width proxy)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
     args = ap.parse_args(argv)
 
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = write_tiny_checkpoint(args.out, config_path=args.config, seed=args.seed, dtype=args.dtype,
                                 max_shard_bytes=int(args.shard_mb * 2**20), overrides=dict(map(_override, args.overrides)),
-                                overwrite=args.overwrite, with_mtp=args.with_mtp, tokenizer_path=args.tokenizer)
+                                overwrite=args.overwrite, with_mtp=args.with_mtp, tokenizer_path=args.tokenizer,
+                                max_total_bytes=int(args.max_total_gib * 2**30))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n_shards = len(set(index["weight_map"].values()))
     print(f"wrote {out}: {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**20:.1f} MiB "

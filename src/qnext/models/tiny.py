@@ -108,11 +108,13 @@ def generation_config(cfg: dict) -> dict:
 def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.PathLike = DEFAULT_CONFIG, seed: int = 0,
                           dtype: str | torch.dtype = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                           overrides: dict | None = None, overwrite: bool = False, with_mtp: bool = False,
-                          tokenizer_path: str | os.PathLike | None = None, with_tokenizer: bool = True) -> Path:
+                          tokenizer_path: str | os.PathLike | None = None, with_tokenizer: bool = True,
+                          max_total_bytes: int | None = MAX_TOTAL_BYTES) -> Path:
     """Write a random Qwen3-Next checkpoint to ``out_dir`` (atomically) and return its path.
 
     ``overrides`` patch config.json keys (e.g. ``{"vocab_size": 512}`` for fast tests).
     ``tokenizer_path``: copy that directory's tokenizer instead of the built-in Qwen3-Next one.
+    ``max_total_bytes``: refuse larger checkpoints (None: no limit, for real-width proxies on purpose).
     """
     from safetensors.torch import save_file
 
@@ -131,9 +133,10 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.Path
     shapes = wm.hf_shapes
     sizes = {n: math.prod(s) * torch_dtype.itemsize for n, s in shapes.items()}
     total = sum(sizes.values())
-    if total > MAX_TOTAL_BYTES:
+    if max_total_bytes is not None and total > max_total_bytes:
         raise UserError(f"{config_path} would make a {total / 2**30:.0f} GiB random checkpoint",
-                        hint="random checkpoints are for small test configs, e.g. models/tiny_qwen3_next/config.json")
+                        hint="random checkpoints are for small test configs, e.g. models/tiny_qwen3_next/config.json; "
+                             "for a real-width proxy on purpose raise --max-total-gib")
     shards = plan_shards(sizes, int(max_shard_bytes))
     with atomic_dir(out, overwrite=overwrite) as tmp:
         weight_map = {}
