@@ -37,6 +37,15 @@ def test_unknown_key_on_command_line_is_named():
     assert "train.lrr" in e.value.message and "train.lr" in e.value.message
 
 
+@pytest.mark.parametrize("typo, meant", [("train.lr_max", "train.lr"), ("train.warmup", "train.warmup_steps"),
+                                         ("parallel.tpp", "parallel.tp"), ("train.lora.rank", "train.lora.r"),
+                                         ("data.seq_len", "data.seq_length")])
+def test_did_you_mean_suggests_the_intended_key(typo, meant):
+    with pytest.raises(UserError) as e:
+        load_config([f"{typo}=1"])
+    assert f"did you mean '{meant}'?" in e.value.message, e.value.message
+
+
 def test_wrong_type_is_named():
     with pytest.raises(UserError) as e:
         load_config(["parallel.tp=two"])

@@ -39,7 +39,20 @@ def _schema_keys(cls: Any = RecipeConfig, prefix: str = "") -> list[str]:
 
 
 def _did_you_mean(key: str) -> str:
-    close = difflib.get_close_matches(key, _schema_keys(), n=1, cutoff=0.6)
+    """The most likely intended key: in the same section first, a known name the unknown one extends
+    or starts (``train.lr_max`` -> ``train.lr``, ``train.warmup`` -> ``train.warmup_steps``), then the
+    closest spelling there, then the closest spelling anywhere."""
+    keys = _schema_keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    related = [n for n in siblings if leaf.startswith(n + "_") or n.startswith(leaf)]
+    if related:
+        best = max(related, key=lambda n: difflib.SequenceMatcher(None, leaf, n).ratio())
+        return f" (did you mean '{siblings[best]}'?)"
+    close = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{siblings[close[0]]}'?)"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
