@@ -58,3 +58,8 @@ export: ## torch_dist -> HF safetensors (original names/sharding): make export C
 .PHONY: model-args
 model-args: ## regenerate models/<name>.sh (Megatron-LM / slime MODEL_ARGS) from models/*/config.json
 	$(PY) tools/gen_model_args.py
+
+.PHONY: plan
+plan: ## per-GPU memory plan of a Megatron recipe, and layouts that fit: make plan RECIPE=<name> [GPUS=8] [GPU_MEM=80] [ARGS="key=value"]
+	@test -n "$(RECIPE)" || { echo 'usage: make plan RECIPE=<recipe name> [GPUS=<gpus in all>] [GPU_MEM=<GiB per GPU>] [ARGS="key=value ..."]' >&2; exit 2; }
+	$(PY) tools/plan.py recipe=$(RECIPE) $(ARGS) $(if $(GPUS),--gpus $(GPUS)) --gpu-mem $(or $(GPU_MEM),80)

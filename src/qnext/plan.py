@@ -1,0 +1,255 @@
+"""Memory planner for the Megatron backend: what one GPU holds for a recipe, before anything launches.
+
+``plan(cfg)`` returns a :class:`Plan` with per-GPU bytes for weights, gradients, optimizer states,
+LoRA, activations and buffers on the most loaded pipeline stage, plus the step's FLOPs. The model's
+parameters are counted from the weight map's HF shapes (the exact tensors a checkpoint holds), split
+the way megatron-core 0.19.2 splits them:
+
+- embedding and LM head: vocabulary-parallel over TP, on the first / last pipeline stage;
+- attention, Gated DeltaNet, shared expert: linear weights over TP (norms, router, biases replicated);
+- routed experts: over EP x ETP; decoder layers over PP (the first and the last stage also hold the
+  embedding and the head);
+- ``train.mode=full``: bf16 weights (2 B) and bf16 gradient buffers (2 B) on every GPU, plus the
+  distributed optimizer's fp32 main weights, fp32 main gradients and two Adam moments (16 B) sharded
+  over the data-parallel ranks (the expert-data-parallel ranks for experts); with
+  ``train.optimizer_cpu_offload`` those 16 B live in host memory;
+- ``train.mode=lora``: bf16 frozen weights only; the adapters (r x (in + out) per targeted linear) get
+  weights, gradients and optimizer states like full training.
+
+Activations are an estimate per token and layer (bf16 tensors that autograd keeps, listed in
+:func:`activation_bytes_per_token`), multiplied by the micro-batch tokens and the micro-batches in
+flight (1 without PP; up to PP on the first stage under 1F1B). Recompute: ``selective`` drops the
+attention core and the MoE block's saved tensors, ``full`` keeps one hidden state per layer.
+Buffers: a fixed allowance for the CUDA context, NCCL and allocator slack (``BUFFER_BYTES``).
+
+The activation model is a first estimate: it is not yet calibrated against measured peaks on GPUs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .config import RecipeConfig
+from .config.validate import load_hf_config
+
+GIB = 2**30
+BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_REPLICATED = ("norm.weight", "A_log", "dt_bias", "mlp.gate.weight", "shared_expert_gate.weight", "conv1d.weight")
+
+
+@dataclass
+class ParamCounts:
+    """Parameters by how they are split (whole model, before any parallelism)."""
+
+    embedding: int = 0
+    head: int = 0
+    dense_split: list[int] = field(default_factory=list)  # per layer, split over TP
+    dense_replicated: list[int] = field(default_factory=list)  # per layer, on every TP rank
+    experts: list[int] = field(default_factory=list)  # per layer, split over EP x ETP
+    final_norm: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.embedding + self.head + self.final_norm + sum(self.dense_split) + sum(self.dense_replicated)
+                + sum(self.experts))
+
+
+def count_params(hf: Mapping[str, Any]) -> ParamCounts:
+    """Parameter counts from the weight map's HF tensor shapes (no MTP block: it is not trained)."""
+    from .models.qwen3_next import build_weight_map
+
+    layers = int(hf["num_hidden_layers"])
+    pc = ParamCounts(dense_split=[0] * layers, dense_replicated=[0] * layers, experts=[0] * layers)
+    for name, shape in build_weight_map(hf).hf_shapes.items():
+        n = 1
+        for s in shape:
+            n *= int(s)
+        if name == "model.embed_tokens.weight":
+            pc.embedding += n
+        elif name == "lm_head.weight":
+            pc.head += n
+        elif name == "model.norm.weight":
+            pc.final_norm += n
+        else:
+            m = _LAYER.match(name)
+            if m is None:
+                continue  # mtp.* (not in the training model)
+            i = int(m.group(1))
+            if ".mlp.experts." in name:
+                pc.experts[i] += n
+            elif name.endswith(_REPLICATED):
+                pc.dense_replicated[i] += n
+            else:
+                pc.dense_split[i] += n
+    return pc
+
+
+def lora_params_per_layer(hf: Mapping[str, Any], cfg: RecipeConfig) -> list[int]:
+    """Adapter parameters per layer (whole model): r x (in + out) for every targeted HF linear."""
+    from .models.qwen3_next import build_weight_map
+
+    lcfg = cfg.train.lora
+    targets = set(lcfg.targets)
+    layers = int(hf["num_hidden_layers"])
+    out = [0] * layers
+    for name, shape in build_weight_map(hf).hf_shapes.items():
+        m = _LAYER.match(name)
+        if m is None or len(shape) != 2 or not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        leaf = module.rsplit(".", 1)[-1]
+        if ".mlp.experts." in module:
+            hit = lcfg.experts and leaf in ("gate_proj", "up_proj", "down_proj")
+        elif ".shared_expert." in module:
+            hit = lcfg.shared_expert and leaf in ("gate_proj", "up_proj", "down_proj")
+        else:
+            hit = leaf in targets
+        if hit:
+            out[int(m.group(1))] += lcfg.r * (int(shape[0]) + int(shape[1]))
+    return out
+
+
+def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute: str) -> int:
+    """bf16 bytes kept for the backward pass per token in one decoder layer (estimate)."""
+    h = int(hf["hidden_size"])
+    topk, f = int(hf.get("num_experts_per_tok", 0)), int(hf.get("moe_intermediate_size", 0))
+    fs, experts = int(hf.get("shared_expert_intermediate_size", 0)), int(hf.get("num_experts", 0))
+    if recompute == "full":
+        return 2 * h  # the layer input only
+    b = 2 * (2 * h)  # the two norm inputs
+    if layer_type == "full_attention":
+        hq, hkv, d = int(hf["num_attention_heads"]), int(hf["num_key_value_heads"]), int(hf["head_dim"])
+        proj = 2 * (2 * hq * d + 2 * hkv * d)  # q (with gate) / k / v outputs
+        core = 2 * (hq * d) * 2  # attention output and gated output (flash/SDPA keep no T x T matrix)
+        b += proj + (0 if recompute == "selective" else core) + 2 * hq * d  # o_proj input
+    else:
+        hk, hv = int(hf["linear_num_key_heads"]), int(hf["linear_num_value_heads"])
+        dk, dv = int(hf["linear_key_head_dim"]), int(hf["linear_value_head_dim"])
+        qkvz = 2 * hk * dk + 2 * hv * dv
+        b += 2 * (qkvz + 2 * hv)  # in_proj outputs (qkvz, ba)
+        b += 2 * (2 * hk * dk + hv * dv) * 2  # conv input and output
+        b += 2 * hv * dv * 3  # chunked rule output, gated-norm input and output (out_proj input)
+    moe = 4 * experts + topk * 2 * (h + 3 * f) + 2 * (3 * fs)  # router logits (fp32), dispatched tokens, FFNs
+    b += 0 if recompute == "selective" else moe
+    return b
+
+
+@dataclass
+class Plan:
+    """Per-GPU bytes on the most loaded pipeline stage, and the step's FLOPs."""
+
+    weights: int
+    grads: int
+    optimizer: int
+    lora: int
+    activations: int
+    buffers: int
+    params_total: int
+    params_per_gpu: int
+    step_flops: float
+    layout: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.lora + self.activations + self.buffers
+
+    def table(self) -> str:
+        rows = [("weights", self.weights), ("gradients", self.grads), ("optimizer states", self.optimizer),
+                ("LoRA (weights, grads, states)", self.lora), ("activations", self.activations),
+                ("buffers (context, NCCL, slack)", self.buffers), ("peak per GPU", self.peak)]
+        lines = [f"layout: {self.layout}",
+                 f"parameters: {self.params_total / 1e9:.2f} B in the model, {self.params_per_gpu / 1e9:.2f} B on the most loaded GPU",
+                 f"step: {self.step_flops / 1e15:.2f} PFLOP"]
+        lines += [f"  {name:32s} {nbytes / GIB:8.2f} GiB" for name, nbytes in rows]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
+    """The memory plan of ``cfg`` on ``world_size`` GPUs (default: the recipe's nodes x GPUs per node)."""
+    from .models.qwen3_next import Qwen3NextDims
+    from .throughput import step_flops as model_step_flops
+
+    hf = load_hf_config(cfg)
+    p, t, d = cfg.parallel, cfg.train, cfg.data
+    world = world_size or p.num_nodes * p.num_gpus_per_node
+    tp, pp, ep, etp, cp = p.tp, p.pp, p.ep, p.etp, p.cp
+    dp = max(1, world // (tp * pp * cp))
+    edp = max(1, world // (ep * etp * pp))
+    pc = count_params(hf)
+    layers = int(hf["num_hidden_layers"])
+    per_stage = layers // pp
+    types = list(Qwen3NextDims.from_hf_config(hf).layer_types)
+    lora = t.mode == "lora"
+    lora_layer = lora_params_per_layer(hf, cfg) if lora else [0] * layers
+
+    best = None
+    for stage in range(pp):
+        idx = range(stage * per_stage, (stage + 1) * per_stage)
+        dense = sum(pc.dense_split[i] for i in idx) / tp + sum(pc.dense_replicated[i] for i in idx)
+        dense += (pc.embedding / tp if stage == 0 else 0) + (pc.head / tp + pc.final_norm if stage == pp - 1 else 0)
+        expert = sum(pc.experts[i] for i in idx) / (ep * etp)
+        n_lora = sum(lora_layer[i] for i in idx) / tp
+        inflight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp))) if pp > 1 else 1
+        tokens = t.micro_batch_size * d.seq_length / (cp * (tp if p.sequence_parallel else 1))
+        act = sum(activation_bytes_per_token(hf, types[i], p.recompute) for i in idx) * tokens * inflight
+        if stage == pp - 1:
+            act += t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * 4  # fp32 logits
+        weights = 2 * (dense + expert)
+        opt_full = 16 * (dense / dp + expert / edp)
+        if lora:
+            grads, opt = 0.0, 0.0
+            lora_b = n_lora * (2 + 2) + n_lora * 16 / dp
+        else:
+            grads = 2 * (dense + expert)
+            opt = 0.0 if t.optimizer_cpu_offload else opt_full
+            lora_b = 0.0
+        total = weights + grads + opt + lora_b + act
+        if best is None or total > best[0]:
+            best = (total, weights, grads, opt, lora_b, act, dense + expert, opt_full)
+    _, weights, grads, opt, lora_b, act, n_gpu, opt_full = best
+    # full sequences (packed data fills them); LoRA: no weight gradients of frozen weights, plus the
+    # adapters' own 3 passes
+    step_flops = model_step_flops(hf, [d.seq_length] * t.global_batch_size, lora)
+    if lora:
+        step_flops += 3 * 2 * sum(lora_layer) * t.global_batch_size * d.seq_length
+    layout = f"{world} GPUs: tp {tp} pp {pp} ep {ep} etp {etp} cp {cp} dp {dp}; {t.mode}; recompute {p.recompute}"
+    notes = []
+    if not lora and t.optimizer_cpu_offload:
+        notes.append(f"optimizer states in host memory: {opt_full / GIB:.1f} GiB per GPU's process")
+    return Plan(int(weights), int(grads), int(opt), int(lora_b), int(act), BUFFER_BYTES, pc.total, int(n_gpu),
+                step_flops, layout, notes)
+
+
+def peak_bytes_per_gpu(cfg: RecipeConfig) -> int:
+    """The planned peak per GPU (``make doctor RECIPE=...`` compares it with free memory)."""
+    return plan(cfg).peak
+
+
+def propose_layouts(cfg: RecipeConfig, gpus: int, gpu_mem_bytes: float, limit: int = 5) -> list[tuple[dict, Plan]]:
+    """Layouts (tp, pp, ep, etp=1, cp=1) valid for the model on ``gpus`` GPUs whose planned peak fits,
+    fewest pipeline stages and smallest TP first (the least communication)."""
+    from dataclasses import replace
+
+    from .config.validate import check_divisibility
+
+    hf = load_hf_config(cfg)
+    experts = int(hf.get("num_experts", 1)) or 1
+    found = []
+    for pp in (d for d in range(1, gpus + 1) if gpus % d == 0):
+        for tp in (d for d in (1, 2, 4, 8) if (gpus // pp) % d == 0):
+            for ep in (d for d in range(1, gpus // pp + 1) if (gpus // pp) % d == 0 and experts % d == 0):
+                if check_divisibility(hf, tp, ep, pp, 1):
+                    continue
+                dp = gpus // (tp * pp)
+                if cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp):
+                    continue
+                layout = dict(tp=tp, pp=pp, ep=ep, etp=1, cp=1)
+                c = replace(cfg, parallel=replace(cfg.parallel, **layout, num_nodes=1, num_gpus_per_node=gpus))
+                pl = plan(c, world_size=gpus)
+                if pl.peak <= gpu_mem_bytes:
+                    found.append((layout, pl))
+    found.sort(key=lambda x: (x[0]["pp"], x[0]["tp"], -x[0]["ep"]))
+    return found[:limit]

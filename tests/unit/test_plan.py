@@ -1,0 +1,86 @@
+"""The memory planner (qnext.plan, tools/plan.py): parameter and LoRA counts against the real HF model
+and PEFT, how the layout splits them, and the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qnext.config import load_config
+from qnext.plan import GIB, count_params, lora_params_per_layer, plan
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model=tiny_qwen3_next", "parallel=1gpu", "data=sample"]
+
+
+def hf_model(cfg_path: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(cfg_path.read_text()))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def test_parameter_count_equals_the_hf_model():
+    model = hf_model(REPO / "models/tiny_qwen3_next/config.json")
+    hf = json.loads((REPO / "models/tiny_qwen3_next/config.json").read_text())
+    pc = count_params(hf)
+    assert pc.total == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert sum(pc.experts) == experts
+
+
+def test_lora_count_equals_peft_trainable_parameters():
+    from qnext.fsdp.parallelize import lora_peft_config
+    from peft import get_peft_model
+
+    cfg = load_config([*TINY, "train=lora", "train.lora.r=8"])
+    hf = json.loads((REPO / "models/tiny_qwen3_next/config.json").read_text())
+    model = get_peft_model(hf_model(REPO / "models/tiny_qwen3_next/config.json"), lora_peft_config(cfg.train.lora))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(lora_params_per_layer(hf, cfg)) == trainable > 0
+
+
+def test_layout_splits_weights_and_optimizer_states():
+    hf = json.loads((REPO / "models/tiny_qwen3_next/config.json").read_text())
+    pc = count_params(hf)
+    one = plan(load_config([*TINY, "train=full"]), world_size=1)
+    assert one.weights == one.grads == 2 * pc.total
+    assert one.optimizer == 16 * pc.total  # fp32 main weights + main grads + two Adam moments, dp 1
+    ep2 = plan(load_config([*TINY, "train=full", "parallel.ep=2"]), world_size=2)
+    assert ep2.weights == pytest.approx(2 * (pc.total - sum(pc.experts) / 2), abs=2)
+    # dp 2 for the dense weights, expert-data-parallel 1: the dense states are sharded, the expert ones not
+    assert ep2.optimizer == pytest.approx(16 * ((pc.total - sum(pc.experts)) / 2 + sum(pc.experts) / 2), abs=16)
+    offload = plan(load_config([*TINY, "train=full", "train.optimizer_cpu_offload=true"]), world_size=1)
+    assert offload.optimizer == 0 and "host memory" in offload.notes[0]
+    lora = plan(load_config([*TINY, "train=lora"]), world_size=1)
+    assert lora.grads == lora.optimizer == 0 and lora.lora > 0
+    full_recompute = plan(load_config([*TINY, "train=full", "parallel.recompute=full"]), world_size=1)
+    assert full_recompute.activations < one.activations
+
+
+def test_80b_lora_recipe_weights_match_the_recipe_comment():
+    """recipes/parallel/8xh100.yaml: ~9.7B expert + 2.4B other params per GPU, ~24 GB of bf16 weights."""
+    p = plan(load_config(["recipe=qwen3_next_80b_lora"]))
+    assert 79e9 < p.params_total < 80.5e9
+    assert 23e9 < p.weights < 25e9
+    assert p.peak < 80 * GIB
+
+
+def run_plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/plan.py"), *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_cli_fits_does_not_fit_and_refuses_fsdp():
+    ok = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "80")
+    assert ok.returncode == 0 and "fits:" in ok.stdout, ok.stderr
+    tight = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "40")
+    assert tight.returncode == 1 and "does NOT fit" in tight.stdout
+    assert "parallel.tp=" in tight.stdout  # proposals that fit 40 GiB
+    fsdp = run_plan("recipe=tiny_lora_cpu")
+    assert fsdp.returncode == 2 and "planner models the Megatron backend" in fsdp.stderr
+    assert "Traceback" not in fsdp.stderr

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Memory plan of a Megatron recipe per GPU, before launch (qnext.plan), and layouts that fit.
+
+  python tools/plan.py recipe=qwen3_next_80b_lora --gpus 8 --gpu-mem 80
+  python tools/plan.py recipe=qwen3_next_80b_full train.optimizer_cpu_offload=true --gpus 32 --gpu-mem 80
+Exit 0 when the recipe's layout fits GPU_MEM GiB per GPU, 1 when it does not (then layouts that fit
+are listed), 2 on a bad recipe.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from qnext.errors import UserError, cli_main  # noqa: E402
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides, as for the launchers")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: the recipe's nodes x GPUs per node)")
+    ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
+    args = ap.parse_args(argv)
+
+    from qnext.config import load_config, validate_config
+    from qnext.plan import GIB, plan, propose_layouts
+
+    cfg = load_config(args.overrides)
+    if cfg.parallel.backend != "megatron":
+        raise UserError(f"parallel.backend={cfg.parallel.backend}: the planner models the Megatron backend",
+                        hint="pick a Megatron recipe or layout (parallel=8xh100, parallel=4x8, parallel=1gpu)")
+    gpus = args.gpus or cfg.parallel.num_nodes * cfg.parallel.num_gpus_per_node
+    validate_config(cfg, world_size=gpus, check_files=False)
+    p = plan(cfg, world_size=gpus)
+    print(p.table())
+    limit = args.gpu_mem * GIB
+    if p.peak <= limit:
+        print(f"fits: {p.peak / GIB:.1f} GiB planned of {args.gpu_mem:g} GiB per GPU")
+        return 0
+    print(f"does NOT fit: {p.peak / GIB:.1f} GiB planned of {args.gpu_mem:g} GiB per GPU")
+    options = propose_layouts(cfg, gpus, limit)
+    if options:
+        print("layouts that fit on these GPUs (parallel.* overrides):")
+        for layout, pl in options:
+            print("  " + " ".join(f"parallel.{k}={v}" for k, v in layout.items()) + f"   -> {pl.peak / GIB:.1f} GiB")
+    else:
+        print("no layout of tp/pp/ep fits: use more GPUs, parallel.recompute=full, a smaller micro-batch or "
+              "sequence, or train.optimizer_cpu_offload=true")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
