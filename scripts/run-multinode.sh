@@ -7,12 +7,5 @@
 # QNEXT_DRY_RUN=1, PY. output_dir and the checkpoints must be on a file system every node sees.
 # The checks, the doctor and the torchrun command are qnext.launch; the run is qnext.megatron.train.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-PY=${PY:-$ROOT/.venv/bin/python}
-export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}          # no NVLink multicast (NVLS)
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # megatron: ordered TP/SP communication
-export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
-export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}  # keep fla's autotune results on disk: later launches skip the tuning
+source "$(dirname "$0")/megatron-env.sh"
 exec "$PY" -m qnext.launch multi "$@"

@@ -163,6 +163,15 @@ class MetricsLogger:
         self.close(plot=exc[0] is None)
 
 
+SUMMARY_KEYS = ("steps", "final_loss", "eval_loss", "eval_ppl", "wall_s")
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """The one-line ``summary: ...`` both training entries print at the end of a run."""
+    return "summary: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
+                                   for k in SUMMARY_KEYS if k in summary)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     out = []
     for line in Path(path).read_text().splitlines():

@@ -560,9 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, hf, plan = prepare(args)
     summary = train(cfg, hf, plan)
     if int(os.environ.get("RANK", "0")) == 0:
-        keys = ("steps", "final_loss", "eval_loss", "eval_ppl", "wall_s")
-        print("summary: " + ", ".join(f"{k}={summary[k]:.4g}" if isinstance(summary.get(k), float) else f"{k}={summary.get(k)}"
-                                      for k in keys if k in summary), flush=True)
+        from ..metrics import summary_line
+
+        print(summary_line(summary), flush=True)
     return 0
 
 
