@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -209,12 +210,37 @@ def write_checkpoint_like(
 # --------------------------------------------------------------------------- command line
 
 
-def _run_paths(run_dir: Path) -> tuple[Path | None, Path | None]:
-    """(base checkpoint, adapter dir) of a training output directory."""
+def _megatron_run_adapter(run_dir: Path, into: Path) -> Path:
+    """A Megatron LoRA run's adapter, written into ``into`` from the newest torch_dist checkpoint of
+    ``<run>/checkpoints`` (the LoRA tensors are stored in HF layout; r/alpha from the run's config)."""
+    import yaml
+
+    from .config.schema import LoraConfig
+    from .lora import export_adapter_from_checkpoint
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"{run_dir} is a Megatron run without its config.yaml", hint="was the run directory copied in part?")
+    train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
+    if train.get("mode") != "lora":
+        raise UserError(f"{run_dir} is a Megatron train.mode={train.get('mode')} run: it has no adapter",
+                        hint=f"full-training checkpoints export with `make export CKPT={run_dir / 'checkpoints'} OUT=<dir>`")
+    known = set(LoraConfig.__dataclass_fields__)
+    lora = LoraConfig(**{k: v for k, v in (train.get("lora") or {}).items() if k in known})
+    return export_adapter_from_checkpoint(run_dir / "checkpoints", into, lora)
+
+
+def _run_paths(run_dir: Path, scratch: Path) -> tuple[Path | None, Path | None]:
+    """(base checkpoint, adapter dir) of a training output directory. A Megatron run's adapter is
+    exported from its torch_dist checkpoint into ``scratch``; its base is a torch_dist checkpoint, so
+    the HF base of a merged export must be given with --base."""
     base = None
     marker = run_dir / "run.json"
     if marker.is_file():
-        base = Path(json.loads(marker.read_text()).get("checkpoint", "")) or None
+        info = json.loads(marker.read_text())
+        if info.get("backend") == "megatron":
+            return None, _megatron_run_adapter(run_dir, scratch / "adapter")
+        base = Path(info.get("checkpoint", "")) or None
     adapter = run_dir / "adapter"
     if not adapter.is_dir():
         from .fsdp.checkpoint import latest_checkpoint
@@ -231,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's names, sharding and index.",
     )
     src = p.add_argument_group("source (one of)")
-    src.add_argument("--run", type=Path, help="training output directory (uses its final adapter, else its newest checkpoint)")
+    src.add_argument("--run", type=Path, help="training output directory of either backend (FSDP: its final adapter, else its newest checkpoint; Megatron: its newest torch_dist checkpoint)")
     src.add_argument("--adapter", type=Path, help="PEFT adapter directory")
     p.add_argument("--base", type=Path, help="base HF checkpoint (default: the one the run trained from)")
     p.add_argument("--merged-out", type=Path, help="write the merged HF checkpoint here")
@@ -243,11 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="qnext_export_") as scratch:
+        return _export(args, Path(scratch))
+
+
+def _export(args: argparse.Namespace, scratch: Path) -> int:
     base, adapter = args.base, args.adapter
     if args.run is not None:
         if not args.run.is_dir():
             raise UserError(f"--run {args.run} is not a directory", hint="point at a training output_dir")
-        run_base, run_adapter = _run_paths(args.run)
+        run_base, run_adapter = _run_paths(args.run, scratch)
         base = base or run_base
         adapter = adapter or run_adapter
         if adapter is None:
@@ -268,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adapter: {args.adapter_out}")
     if args.merged_out is not None:
         if base is None:
-            raise UserError("the base checkpoint is unknown", hint="pass --base <HF checkpoint dir>")
+            raise UserError("the HF base checkpoint is unknown (a Megatron run trains from torch_dist)",
+                            hint="pass --base <HF checkpoint dir> (the one `make convert` read)")
         if not base.is_dir():
             raise UserError(f"base checkpoint {base} not found", hint="pass --base <HF checkpoint dir>")
         merge_adapter(base, adapter, args.merged_out, overwrite=args.overwrite)

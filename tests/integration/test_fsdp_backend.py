@@ -92,8 +92,8 @@ def _args(tiny, out: Path, *extra: str) -> list[str]:
 
 def test_one_vs_two_processes_same_losses(tiny):
     one, two = tiny["root"] / "one", tiny["root"] / "two"
-    run_train(_args(tiny, one, "train.steps=5"), nproc=1)
-    res = run_train(_args(tiny, two, "train.steps=5"), nproc=2)
+    run_train(_args(tiny, one, "train.steps=5", "train.eval_every=5"), nproc=1)
+    res = run_train(_args(tiny, two, "train.steps=5", "train.eval_every=5"), nproc=2)
     assert "accum 1 x 2" in res.stdout, res.stdout
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
@@ -102,6 +102,12 @@ def test_one_vs_two_processes_same_losses(tiny):
     assert max(diffs.values()) < 1e-5, (a, b)
     # the optimizer really moved the weights (otherwise equal losses would prove nothing)
     assert a[5] < a[1]
+    # eval_every > 0: a held-out baseline before step 1 (logged at step 0), the same over 1 and 2 ranks
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert losses(one, "eval_loss")[0] == s1["eval_loss_before"]
+    assert abs(s1["eval_loss_before"] - s2["eval_loss_before"]) < 1e-5, (s1, s2)
+    print("held-out loss before/after 5 steps:", s1["eval_loss_before"], s1["eval_loss"])
+    assert s1["eval_loss"] < s1["eval_loss_before"]
 
 
 @pytest.fixture(scope="module")

@@ -392,3 +392,62 @@ def test_tp2_and_sequence_parallel_equal_tp1(tiny, tp1_all, tmp_path):
     for k, t in tiny["tensors"].items():
         assert torch.equal(got[k], t), k
     assert rel_l2(megatron_forward(fresh, tp1_all["tokens"]).detach(), tp1_all["logits"]) < 1e-6
+
+
+def _megatron_run_dir(root: Path, ckpt: Path, mode: str) -> Path:
+    """A Megatron run's output directory as qnext.megatron.train leaves it (run.json, config.yaml,
+    checkpoints/ with the tracker), holding ``ckpt`` as its iteration 3."""
+    import shutil
+
+    from qnext.config.load import load_config, to_yaml
+
+    run = root / f"run_{mode}"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, run / "checkpoints/iter_0000003")
+    (run / "checkpoints/latest_checkpointed_iteration.txt").write_text("3")
+    (run / "run.json").write_text(json.dumps({"backend": "megatron", "checkpoint": str(ckpt)}))
+    cfg = load_config([f"train={mode}", *(f"train.lora.{k}={str(v).lower()}" for k, v in ALL.items())])
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    return run
+
+
+def test_export_cli_reads_a_megatron_lora_run(tiny, world, tmp_path):
+    """``tools/export_hf.py --run <megatron run>``: the adapter from its newest torch_dist checkpoint,
+    and with --base the merged HF checkpoint; clear errors without --base and for a full run."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from qnext.export import main as export_main
+
+    from qnext.config.schema import LoraConfig
+    from qnext.lora import apply_lora, load_peft_adapter
+
+    model, cfg = build(tiny["hf"], tiny["mg"])  # base + the random adapter, saved by megatron-core
+    apply_lora(model, LoraConfig(**ALL), hf_config=cfg, seed=3)
+    load_peft_adapter(model, tiny["adapter_all"])
+    ckpt = tmp_path / "ckpt"
+    megatron_save_on_cpu(model, ckpt)
+    run = _megatron_run_dir(tmp_path, ckpt, "lora")
+    assert export_main(["--run", str(run), "--adapter-out", str(tmp_path / "a"), "--merged-out",
+                        str(tmp_path / "m"), "--base", str(tiny["hf"])]) == 0
+    got = load_file(str(tmp_path / "a/adapter_model.safetensors"))
+    assert set(got) == set(tiny["tensors"]) and all(torch.equal(got[k], t) for k, t in tiny["tensors"].items())
+    cfg = json.loads((tmp_path / "a/adapter_config.json").read_text())
+    assert cfg["r"] == ALL["r"] and cfg["lora_alpha"] == ALL["alpha"]
+    ref = {}
+    for f in sorted(Path(tiny["merged"]).glob("*.safetensors")):
+        ref.update(load_file(str(f)))
+    out = {}
+    for f in sorted((tmp_path / "m").glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    assert set(out) == set(ref) and all(torch.equal(out[k], ref[k]) for k in ref)
+
+    cmd = [sys.executable, str(REPO / "tools/export_hf.py"), "--run", str(run), "--merged-out", str(tmp_path / "m2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert proc.returncode == 2 and "--base" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "m2").exists()
+    full = _megatron_run_dir(tmp_path, ckpt, "full")
+    proc = subprocess.run([*cmd[:3], str(full), "--adapter-out", str(tmp_path / "a2")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert proc.returncode == 2 and "make export" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

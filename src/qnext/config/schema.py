@@ -53,7 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1234
     log_every: int = 1
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # 0 = only at the end; > 0 also evaluates once before the first step (a baseline)
     eval_batches: int = 8
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2

@@ -474,6 +474,11 @@ class Trainer:
                 before = self.generations("before")
                 if before is not None:
                     summary["before"] = {k: before[k] for k in ("correct", "total", "accuracy", "by_kind")}
+                if t.eval_every > 0:  # the baseline the later held-out losses compare with
+                    ev0 = self.eval_loss()
+                    if ev0:
+                        self.metrics.log(0, ev0)
+                        summary["eval_loss_before"] = ev0["eval_loss"]
             stop = t.steps if t.stop_after <= 0 else min(t.steps, t.stop_after)
             last_rec: dict[str, Any] = {}
             step = start

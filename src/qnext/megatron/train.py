@@ -524,6 +524,11 @@ class MegatronRun:
                 return summary
             last: dict[str, Any] = {}
             step = start
+            if start == 0 and t.eval_every > 0:  # the baseline the later held-out losses compare with
+                before = self.eval_loss()
+                if before:
+                    self.metrics.log(0, before)
+                    summary["eval_loss_before"] = before["eval_loss"]
             for step in range(start + 1, stop + 1):
                 rec = self.train_step(step - 1)
                 if args.eval_interval and step % args.eval_interval == 0 and step != total:
