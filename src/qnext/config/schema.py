@@ -57,6 +57,8 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 0  # 0 = only at the end
     keep_checkpoints: int = 2
+    # false: no checkpoint and no final export at the end of the run (throughput benchmarks)
+    save_final: bool = True
     # stop after this many steps with a checkpoint (resume=auto continues the same schedule); 0 = run to train.steps
     stop_after: int = 0
     optimizer_cpu_offload: bool = False

@@ -493,7 +493,7 @@ class Trainer:
                 if t.save_every > 0 and step % t.save_every == 0 and step != stop:
                     self.save(step)
             summary.update(steps=step, final_loss=last_rec.get("loss"))
-            if step > start:
+            if step > start and (t.save_final or step < t.steps):
                 self.save(step)
             if step < t.steps:  # stop_after: a checkpoint to resume from, no final evaluation
                 self.say(f"stopped after step {step} of {t.steps} (train.stop_after); resume with resume=auto")
@@ -506,9 +506,10 @@ class Trainer:
             after = self.generations("after")
             if after is not None:
                 summary["after"] = {k: after[k] for k in ("correct", "total", "accuracy", "by_kind")}
-            final = self.write_final()
-            summary["final"] = str(final)
-            self.say(f"final {'adapter' if self.lora else 'model'}: {final}")
+            if t.save_final:
+                final = self.write_final()
+                summary["final"] = str(final)
+                self.say(f"final {'adapter' if self.lora else 'model'}: {final}")
         finally:
             png = self.metrics.close()
             if png is not None:

@@ -537,7 +537,7 @@ class MegatronRun:
                     self.metrics.log(step, rec)
                 self.metrics.advance()
                 last = rec
-                if (args.save_interval and step % args.save_interval == 0) or step == stop:
+                if (args.save_interval and step % args.save_interval == 0) or (step == stop and (t.save_final or stop < total)):
                     self.save(step)
             summary.update(steps=step, final_loss=last.get("loss"))
             if step < total:
@@ -548,7 +548,8 @@ class MegatronRun:
             if ev:
                 self.metrics.log(step, ev)
                 summary.update(ev)
-            summary["final_checkpoint"] = f"{self.prep.ckpt.save}/iter_{step:07d}"
+            if t.save_final:
+                summary["final_checkpoint"] = f"{self.prep.ckpt.save}/iter_{step:07d}"
         finally:
             png = self.metrics.close()
             if png is not None:

@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""Training throughput, MFU and peak memory, side by side on the same GPUs: the Megatron backend (our
+recipe's layout), the FSDP backend, and the transformers ``device_map="auto"`` pipeline that users fall
+back to (HF model + PEFT + torch AdamW, gradient checkpointing), for LoRA and full fine-tuning.
+
+Model: a Qwen3-Next with the real widths (hidden 2048, 512 experts, top-10, real head counts, the real
+vocabulary) and ``--layers`` layers (default 4: GDN, GDN, GDN, attention), random bf16 weights written
+by ``qnext.models.tiny`` and converted with ``make convert``'s code. ``--layers 48`` is the full
+Qwen3-Next-80B-A3B. Data: the bundled sample chats packed into ``--seq`` token sequences (4096), the
+same sequences for every approach; ``--gbs`` sequences per optimizer step (micro-batch 1).
+
+Per run (each in its own process, so an out-of-memory run is reported and the others go on):
+step time, tokens/s per GPU, model TFLOP/s per GPU (``qnext.throughput``: LoRA counts 2 passes, full
+3; activation recompute is not counted), MFU against the bf16 matmul peak measured in the same script
+run (8192^3 bf16 GEMMs) and against the datasheet peak, peak allocated memory per GPU, and for the
+Megatron runs the memory planner's prediction (``qnext.plan``) and its error. Steps after
+``--warmup`` are averaged (the first steps include Triton autotuning).
+
+  python benchmarks/train_throughput.py --out benchmarks/results/train_throughput          (GPUs)
+  python benchmarks/train_throughput.py --out DIR --only megatron:lora,hf:lora           (a subset)
+  python benchmarks/train_throughput.py --render DIR/train_throughput.json                (tables + chart)
+
+Results accumulate in ``<out>/train_throughput.json`` (a later call with ``--only`` adds or replaces
+rows) with ``train_throughput.md`` and ``train_throughput.png`` written from it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+APPROACHES = ("megatron", "fsdp", "hf")
+MODES = ("lora", "full")
+LABEL = {"megatron": "Megatron backend (this repo)", "fsdp": "FSDP backend (this repo)",
+         "hf": 'HF device_map="auto" pipeline'}
+LORA = {"r": 16, "alpha": 32}  # recipes/train/lora.yaml
+LR = {"lora": 2e-4, "full": 1e-5}
+GIB = 2**30
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def make_model(work: Path, layers: int) -> dict[str, Path]:
+    from qnext.convert import convert_hf_to_torch_dist
+    from qnext.models.tiny import write_tiny_checkpoint
+
+    hf, mg = work / f"proxy{layers}_hf", work / f"proxy{layers}_mg"
+    if not (mg / "latest_checkpointed_iteration.txt").exists():
+        t0 = time.time()
+        write_tiny_checkpoint(hf, config_path=REPO / "models/qwen3_next_80b_a3b/config.json", seed=0,
+                              dtype="bfloat16", max_shard_bytes=4 * GIB, overwrite=True, max_total_bytes=None,
+                              overrides={"num_hidden_layers": layers})
+        convert_hf_to_torch_dist(hf, mg, progress=False, log=None, overwrite=True)
+        print(f"[bench] {layers}-layer checkpoint written and converted in {time.time() - t0:.0f}s", flush=True)
+    return {"hf": hf, "mg": mg}
+
+
+def common_overrides(args, model: dict[str, Path], mode: str) -> list[str]:
+    """The recipe keys every approach shares (data, batch, schedule)."""
+    return [f"model.hf_config={model['hf'] / 'config.json'}", f"train={mode}", "data=sample",
+            f"data.seq_length={args.seq}", "data.pack=true", "data.eval_prompts=null", "data.valid_fraction=0.01",
+            f"train.steps={args.steps}", "train.warmup_steps=1", f"train.lr={LR[mode]}", f"train.min_lr={LR[mode] / 10}",
+            f"train.global_batch_size={args.gbs}", "train.micro_batch_size=1", "train.save_every=0",
+            "train.eval_every=0", "train.eval_batches=1", "train.save_final=false", "logging.progress_bar=false", "overwrite=true",
+            f"train.lora.r={LORA['r']}", f"train.lora.alpha={LORA['alpha']}"]
+
+
+def megatron_overrides(args, model, mode: str, ngpu: int) -> list[str]:
+    par = ["parallel=1gpu", "parallel.recompute=selective"] if ngpu == 1 else [
+        "parallel=8xh100", f"parallel.num_gpus_per_node={ngpu}", f"parallel.ep={ngpu}"]
+    extra = ["train.optimizer_cpu_offload=true"] if mode == "full" and args.full_offload else []
+    return [*common_overrides(args, model, mode), *par, f"model.megatron_checkpoint={model['mg']}", *extra]
+
+
+def fsdp_overrides(args, model, mode: str, ngpu: int) -> list[str]:
+    return [*common_overrides(args, model, mode), "parallel=fsdp", "parallel.recompute=full",
+            f"model.checkpoint={model['hf']}"]
+
+
+# ----------------------------------------------------------------------------------------- runs
+def _metrics(out: Path) -> list[dict]:
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def _tail(text: str, n: int = 1500) -> str:
+    return text[-n:].strip()
+
+
+def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Optional[float]) -> dict:
+    """Means over the steps after ``warmup`` of one run's per-step records."""
+    steps = [r for r in recs if "step_time_s" in r and r.get("step", 0) > warmup]
+    if not steps:
+        raise ValueError("no timed steps after the warm-up")
+    mean = lambda k: statistics.fmean(r[k] for r in steps)  # noqa: E731
+    tflops = mean("tflops_per_device")
+    return {"steps_timed": len(steps), "step_time_s": mean("step_time_s"),
+            "tokens_per_s_per_gpu": mean("tokens_per_s") / ngpu, "tflops_per_gpu": tflops,
+            "mfu_measured_peak": tflops / peak_measured if peak_measured else None,
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs), "losses": [r.get("loss") for r in steps]}
+
+
+def run_backend(kind: str, overrides: list[str], out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
+    script = "scripts/run-8gpu.sh" if kind == "megatron" else "scripts/run-fsdp.sh"
+    env = dict(os.environ, NPROC=str(ngpu), QNEXT_SKIP_DOCTOR="1", PY=sys.executable, PYTHONUNBUFFERED="1",
+               NCCL_NVLS_ENABLE="0")
+    cmd = ["bash", str(REPO / script), *overrides, f"output_dir={out}"]
+    print(f"[bench] $ NPROC={ngpu} {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(str(err.stdout or ""))}
+    info = {"wall_s": round(time.time() - t0, 1)}
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
+        info["log_tail"] = _tail(text)
+    return _metrics(out), info
+
+
+def run_hf_worker(args, model, mode: str, out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", mode, "--hf-dir", str(model["hf"]),
+           "--seq", str(args.seq), "--gbs", str(args.gbs), "--steps", str(args.steps), "--run-out", str(out)]
+    print(f"[bench] $ {' '.join(cmd[1:])}", flush=True)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    except subprocess.TimeoutExpired as err:
+        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(str(err.stdout or ""))}
+    info = {"wall_s": round(time.time() - t0, 1)}
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
+        info["log_tail"] = _tail(text)
+    return _metrics(out), info
+
+
+def planned_peak_gib(overrides: list[str], ngpu: int) -> Optional[float]:
+    from qnext.config import load_config
+    from qnext.plan import plan
+
+    return plan(load_config(overrides), world_size=ngpu).peak / GIB
+
+
+# ----------------------------------------------------------------------------------------- HF pipeline
+def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path) -> int:
+    """What users write when they fall back to transformers: ``device_map="auto"`` over the visible GPUs,
+    PEFT LoRA (or every weight), gradient checkpointing, torch AdamW, a plain loop; the same packed
+    sequences as the backends (as one causal sequence each: transformers' SDPA has no packed mask)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qnext.config import load_config
+    from qnext.data.dataset import IGNORE_INDEX, build_datasets
+    from qnext.data.tokenizer import load_tokenizer
+    from qnext.metrics import peak_memory_gib
+    from qnext.throughput import step_flops
+
+    if not torch.cuda.is_available():  # a CPU smoke run: fla's kernels need a GPU
+        from qnext.models.hf import force_torch_gdn_path
+
+        force_torch_gdn_path()
+    cfg = load_config(["data=sample", f"data.seq_length={seq}", "data.pack=true", "data.valid_fraction=0.01"])
+    train, _, _ = build_datasets(cfg.data.path, load_tokenizer(None), seq, pack=True, valid_fraction=0.01)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16, device_map="auto")
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf_cfg = json.loads((hf_dir / "config.json").read_text())
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        from qnext.config.schema import DEFAULT_LORA_TARGETS
+
+        model.enable_input_require_grads()
+        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                 target_modules=list(DEFAULT_LORA_TARGETS)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[mode], betas=(0.9, 0.95), weight_decay=0.0)
+    first = next(model.parameters()).device
+    devices = sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str) or [first]
+    sync = lambda: [torch.cuda.synchronize(d) for d in devices if d.type == "cuda"]  # noqa: E731
+    model.train()
+    with open(out / "metrics.jsonl", "w") as f:
+        for step in range(steps):
+            idx = [(step * gbs + i) % len(train) for i in range(gbs)]
+            sync()
+            t0 = time.perf_counter()
+            total, n_tok, lengths = 0.0, 0, []
+            for i in idx:
+                s = train[i]
+                ids = torch.tensor([s["input_ids"]], device=first)
+                labels = torch.tensor([s["labels"]], device=first)
+                loss = model(input_ids=ids, labels=labels).loss / gbs
+                loss.backward()
+                total += float(loss.detach())
+                n_tok += len(s["input_ids"])
+                lengths.append(len(s["input_ids"]))
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            dt = time.perf_counter() - t0
+            flops = step_flops(hf_cfg, lengths, lora=mode == "lora")
+            rec = {"step": step + 1, "loss": total, "step_time_s": dt, "tokens_per_s": n_tok / dt,
+                   "tflops_per_device": flops / dt / len(devices) / 1e12,
+                   "peak_mem_gib": max(peak_memory_gib(d) for d in devices),
+                   "loss_tokens": sum(1 for i in idx for x in train[i]["labels"] if x != IGNORE_INDEX)}
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            print(f"[hf] step {step + 1}: loss {total:.4f} {dt:.2f}s {rec['peak_mem_gib']:.1f} GiB", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- matmul peak
+def measure_matmul_peak(n: int = 8192, iters: int = 50) -> dict:
+    """bf16 dense GEMM TFLOP/s of GPU 0 (best of 3 timed batches of ``iters`` n^3 products)."""
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12)
+    del a, b
+    torch.cuda.empty_cache()
+    return {"tflops": best, "shape": f"{n}x{n}x{n} bf16"}
+
+
+# ----------------------------------------------------------------------------------------- report
+def render(data: dict, out_dir: Path) -> None:
+    env, rows = data["environment"], data["runs"]
+    hf_tps = {r["mode"]: r.get("tokens_per_s_per_gpu") for r in rows if r["approach"] == "hf"}
+    lines = [f"# Training throughput: {env['model']} ({env['date']}, {env['gpus']}x {env['gpu']})", "",
+             f"Command: `{env['command']}`", "",
+             f"Software: {env.get('software', '')}. bf16 matmul peak measured in this run: "
+             f"{env['matmul_peak_tflops']:.0f} TFLOP/s ({env.get('matmul_shape', '')}); datasheet "
+             f"{env.get('datasheet_peak_tflops') or 'n/a'} TFLOP/s.", "",
+             f"Per step: {env['gbs']} packed sequences of {env['seq']} tokens (micro-batch 1); means over steps "
+             f"{env['warmup'] + 1}-{env['steps']}. TFLOP/s are model FLOPs (`qnext.throughput`; LoRA 2 passes, full 3; "
+             "recompute not counted). Peak memory: max allocated per GPU. Planner: `qnext.plan` for the same recipe.", "",
+             "| approach | mode | layout | step s | tokens/s/GPU | TFLOP/s/GPU | MFU (measured peak) | MFU (datasheet) "
+             "| peak GiB/GPU | planned GiB (err) | vs HF pipeline |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        name = LABEL.get(r["approach"], r["approach"])
+        if "error" in r and "step_time_s" not in r:
+            lines.append(f"| {name} | {r['mode']} | {r.get('layout', '')} | — | — | — | — | — | — | "
+                         f"{_planned(r)} | {r['error']} |")
+            continue
+        ref = hf_tps.get(r["mode"])
+        speed = f"{r['tokens_per_s_per_gpu'] / ref:.1f}x" if ref and r["approach"] != "hf" else ""
+        ds = env.get("datasheet_peak_tflops")
+        lines.append(
+            f"| {name} | {r['mode']} | {r.get('layout', '')} | {r['step_time_s']:.2f} | {r['tokens_per_s_per_gpu']:,.0f} | "
+            f"{r['tflops_per_gpu']:.1f} | {100 * r['mfu_measured_peak']:.1f}% | "
+            f"{(100 * r['tflops_per_gpu'] / ds) if ds else float('nan'):.1f}% | {r['peak_mem_gib']:.1f} | "
+            f"{_planned(r)} | {speed} |")
+    lines += ["", "Targets: Megatron backend >= 10x the HF pipeline's tokens/s; planner within 15% of the measured peak."]
+    for mode in MODES:
+        mg = next((r for r in rows if r["approach"] == "megatron" and r["mode"] == mode and "tokens_per_s_per_gpu" in r), None)
+        ref = hf_tps.get(mode)
+        if mg and ref:
+            ratio = mg["tokens_per_s_per_gpu"] / ref
+            lines.append(f"- {mode}: Megatron / HF pipeline = {ratio:.1f}x ({'met' if ratio >= 10 else 'NOT met'}).")
+        if mg and mg.get("planned_peak_gib"):
+            err = mg["planned_peak_gib"] / mg["peak_mem_gib"] - 1
+            lines.append(f"- {mode}: planner {mg['planned_peak_gib']:.1f} GiB vs measured {mg['peak_mem_gib']:.1f} GiB "
+                         f"({100 * err:+.0f}%, {'met' if abs(err) <= 0.15 else 'NOT met'}).")
+    fails = [r for r in rows if r.get("error")]
+    if fails:
+        lines += ["", "Failed runs (last lines of their logs are in the JSON):"]
+        lines += [f"- {LABEL.get(r['approach'])} {r['mode']}: {r['error']}" for r in fails]
+    (out_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib not installed: no chart (run --render on a machine with it)")
+        return
+    ok = [r for r in rows if "tokens_per_s_per_gpu" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "tokens_per_s_per_gpu", "tokens/s per GPU"), (axes[1], "mfu_measured_peak", "MFU (measured peak)")):
+        for j, mode in enumerate(MODES):
+            xs = [i + (j - 0.5) * 0.38 for i, a in enumerate(APPROACHES)]
+            vals = [next((r[key] * (100 if key.startswith("mfu") else 1) for r in ok if r["approach"] == a and r["mode"] == mode), 0)
+                    for a in APPROACHES]
+            bars = ax.bar(xs, vals, width=0.38, label=mode)
+            ax.bar_label(bars, fmt="%.0f" if key.startswith("tokens") else "%.1f%%", fontsize=8)
+        ax.set_xticks(range(len(APPROACHES)), [LABEL[a].replace(" + ", "\n+ ").replace(" (", "\n(") for a in APPROACHES], fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{env['model']}, {env['gpus']}x {env['gpu']}, seq {env['seq']}, {env['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "train_throughput.png", dpi=110)
+
+
+def _planned(r: dict) -> str:
+    if not r.get("planned_peak_gib"):
+        return "n/a"
+    if not r.get("peak_mem_gib"):
+        return f"{r['planned_peak_gib']:.1f}"
+    return f"{r['planned_peak_gib']:.1f} ({100 * (r['planned_peak_gib'] / r['peak_mem_gib'] - 1):+.0f}%)"
+
+
+# ----------------------------------------------------------------------------------------- main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, help="results directory (JSON, Markdown, PNG)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qnext_throughput"), help="checkpoints and run directories")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--gbs", type=int, default=4, help="sequences per optimizer step")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of the means")
+    ap.add_argument("--only", default="", help="comma-separated approach:mode pairs, e.g. megatron:lora,hf:lora")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
+    ap.add_argument("--full-offload", action="store_true",
+                    help="Megatron full training with the optimizer in host memory (train.optimizer_cpu_offload)")
+    ap.add_argument("--render", type=Path, help="only write the Markdown and PNG from this JSON")
+    ap.add_argument("--hf-worker", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.hf_worker:
+        return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out)
+    if args.render:
+        render(json.loads(args.render.read_text()), args.render.parent)
+        return 0
+    if args.out is None:
+        ap.error("--out is required")
+    if args.warmup >= args.steps:
+        ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    import torch
+
+    ngpu = torch.cuda.device_count()
+    if ngpu == 0:
+        print("train_throughput needs CUDA GPUs")
+        return 2
+    wanted = [tuple(x.split(":")) for x in args.only.split(",") if x] or [(a, m) for m in MODES for a in APPROACHES]
+    for a, m in wanted:
+        if a not in APPROACHES or m not in MODES:
+            ap.error(f"--only: {a}:{m} is not one of {APPROACHES} x {MODES}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    from qnext.throughput import peak_tflops
+
+    peak = measure_matmul_peak()
+    name = torch.cuda.get_device_name(0)
+    import megatron.core
+    import transformers
+
+    env = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "gpus": ngpu,
+           "model": f"Qwen3-Next real widths, {args.layers} layers" if args.layers != 48 else "Qwen3-Next-80B-A3B",
+           "layers": args.layers, "seq": args.seq, "gbs": args.gbs, "steps": args.steps, "warmup": args.warmup,
+           "matmul_peak_tflops": peak["tflops"], "matmul_shape": peak["shape"], "datasheet_peak_tflops": peak_tflops(name),
+           "software": f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
+                       f"transformers {transformers.__version__}",
+           "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])}
+    print(f"[bench] {ngpu}x {name}: bf16 matmul peak {peak['tflops']:.0f} TFLOP/s", flush=True)
+    model = make_model(args.work, args.layers)
+    json_path = args.out / "train_throughput.json"
+    data = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": []}
+    data["environment"] = env
+    for approach, mode in wanted:
+        out = args.work / "runs" / f"{approach}_{mode}"
+        row: dict[str, Any] = {"approach": approach, "mode": mode, "gpus": ngpu}
+        if approach == "hf":
+            row["layout"] = f'device_map="auto" over {ngpu} GPU(s), grad ckpt'
+            recs, info = run_hf_worker(args, model, mode, out, ngpu, args.timeout)
+        else:
+            ovs = (megatron_overrides if approach == "megatron" else fsdp_overrides)(args, model, mode, ngpu)
+            if approach == "megatron":
+                row["layout"] = ("1 GPU, selective recompute" if ngpu == 1 else f"EP{ngpu}") + (
+                    ", optimizer CPU offload" if mode == "full" and args.full_offload else "")
+                row["planned_peak_gib"] = planned_peak_gib(ovs, ngpu)
+            else:
+                row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
+            recs, info = run_backend(approach, ovs, out, ngpu, args.timeout)
+        row.update(info)
+        try:
+            row.update(summarize_steps(recs, args.warmup, ngpu, peak["tflops"]))  # tokens/s are the job's
+        except ValueError as err:
+            row.setdefault("error", str(err))
+        row["matmul_peak_tflops"] = peak["tflops"]
+        print(f"[bench] {approach} {mode}: " + json.dumps({k: v for k, v in row.items() if k not in ('log_tail', 'losses')}),
+              flush=True)
+        data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"]) != (approach, mode)] + [row]
+        order = {(a, m): i for i, (m, a) in enumerate((m, a) for m in MODES for a in APPROACHES)}
+        data["runs"].sort(key=lambda r: order.get((r["approach"], r["mode"]), 99))
+        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        render(data, args.out)
+    print((args.out / "train_throughput.md").read_text())
+    return 0 if all("error" not in r for r in data["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
