@@ -8,8 +8,18 @@ tree, so every backend and the planner count the same work:
   (the embedding lookup is free);
 - causal softmax attention: Q K^T and P V over the positions before each token, per chat (packed
   chats do not attend to each other), so it grows with the sum of squared chat lengths;
-- the Gated DeltaNet recurrence in its chunked form (chunk 64): state read and update
-  (4 dk dv per value head) plus the intra-chunk products (2 x 64 (dk + dv)).
+- the Gated DeltaNet recurrence in its chunked form (chunk C = 64), per token and value head:
+  3 dk dv (state read by q and by the decayed keys, state update) + C (3 dk + 2 dv) (the two C x C
+  score matrices, the intra-chunk output, the UT transform applied to k and v), as fla's kernels
+  compute it (:func:`gdn_chunk_macs_per_token`); the depthwise causal conv.
+
+``tests/unit/test_flops.py`` checks every term against ``torch.utils.flop_counter`` on transformers'
+Qwen3-Next (eager experts and attention, torch GDN path): projections, router, experts, shared
+expert and LM head exactly; attention scores as the causal half of the full T x T products; the GDN
+chunk products exactly except the UT transform, which the torch reference does as triangular solves.
+It also measures forward + backward: 3x the forward matmul FLOPs for full training, 2x for LoRA
+(frozen weights get no weight gradient; the first layer's projections not even an input gradient,
+so 2x is a slight over-count).
 
 A training step is 3 forward passes for full fine-tuning (forward, input gradients, weight
 gradients) and 2 for LoRA (frozen weights get no weight gradient; the adapters' own FLOPs are
@@ -58,29 +68,50 @@ def peak_tflops(device_name: Optional[str]) -> Optional[float]:
     return None
 
 
-def forward_flops_per_token(hf_config: Mapping[str, Any]) -> float:
-    """Forward FLOPs of one token through the matmuls and the GDN recurrence (no attention scores)."""
+def gdn_chunk_macs_per_token(dk: int, dv: int, chunk: int = GDN_CHUNK) -> int:
+    """Multiply-adds of the chunked gated delta rule per token and value head, as fla's chunk kernels
+    do it: per chunk of C tokens, the two C x C score matrices (k_beta K^T for the UT transform, Q K^T)
+    and the intra-chunk output (scores @ v_new): C^2 (2 dk + dv); the UT transform applied to v and
+    k as matmuls with its inverted triangle: C^2 (dk + dv); the state read by q and by the decayed keys
+    and the state update: 3 C dk dv. Divided by C."""
+    return 3 * dk * dv + chunk * (3 * dk + 2 * dv)
+
+
+def forward_flops_breakdown(hf_config: Mapping[str, Any]) -> dict[str, float]:
+    """Forward FLOPs of one token by component, summed over layers (no attention scores):
+    ``attention_proj`` (q with its gate, k, v, o), ``gdn_proj`` (in_proj_qkvz, in_proj_ba, out_proj),
+    ``gdn_conv`` (depthwise causal conv), ``gdn_recurrence`` (chunked delta rule), ``router``,
+    ``experts`` (the ``top_k`` routed SwiGLU experts), ``shared_expert`` (with its sigmoid gate),
+    ``dense_mlp`` and ``lm_head``."""
     d = Qwen3NextDims.from_hf_config(hf_config)
     topk = int(hf_config.get("num_experts_per_tok") or 0)
     h = d.hidden
-    macs = 0.0
+    macs = dict.fromkeys(("attention_proj", "gdn_proj", "gdn_conv", "gdn_recurrence", "router", "experts",
+                          "shared_expert", "dense_mlp", "lm_head"), 0.0)
     for kind, moe in zip(d.layer_types, d.moe_layers):
         if kind == FULL_ATTENTION:
             # q and its output gate, k, v, then the output projection
-            macs += h * (2 * d.num_heads * d.head_dim + 2 * d.num_groups * d.head_dim) + d.num_heads * d.head_dim * h
+            macs["attention_proj"] += (h * (2 * d.num_heads * d.head_dim + 2 * d.num_groups * d.head_dim)
+                                       + d.num_heads * d.head_dim * h)
         else:
             qkvz = 2 * d.nk * d.dk + 2 * d.nv * d.dv
-            macs += h * (qkvz + 2 * d.nv) + d.nv * d.dv * h  # in_proj (q, k, v, z, beta, alpha), out_proj
-            macs += (2 * d.nk * d.dk + d.nv * d.dv) * d.conv_kernel  # depthwise causal conv
-            macs += d.nv * (2 * d.dk * d.dv + GDN_CHUNK * (d.dk + d.dv))  # chunked recurrence
+            macs["gdn_proj"] += h * (qkvz + 2 * d.nv) + d.nv * d.dv * h  # in_proj (q, k, v, z, beta, alpha), out_proj
+            macs["gdn_conv"] += (2 * d.nk * d.dk + d.nv * d.dv) * d.conv_kernel  # depthwise causal conv
+            macs["gdn_recurrence"] += d.nv * gdn_chunk_macs_per_token(d.dk, d.dv)
         if moe:
-            macs += h * d.num_experts + topk * 3 * h * d.moe_ffn  # router, routed SwiGLU experts
+            macs["router"] += h * d.num_experts
+            macs["experts"] += topk * 3 * h * d.moe_ffn  # routed SwiGLU experts
             if d.shared_ffn:
-                macs += 3 * h * d.shared_ffn + h  # shared expert and its sigmoid gate
+                macs["shared_expert"] += 3 * h * d.shared_ffn + h  # shared expert and its sigmoid gate
         else:
-            macs += 3 * h * d.dense_ffn
-    macs += h * d.vocab  # LM head
-    return 2.0 * macs
+            macs["dense_mlp"] += 3 * h * d.dense_ffn
+    macs["lm_head"] = h * d.vocab  # the embedding lookup is free
+    return {k: 2.0 * v for k, v in macs.items()}
+
+
+def forward_flops_per_token(hf_config: Mapping[str, Any]) -> float:
+    """Forward FLOPs of one token through the matmuls and the GDN recurrence (no attention scores)."""
+    return sum(forward_flops_breakdown(hf_config).values())
 
 
 def attention_flops(hf_config: Mapping[str, Any], chat_lengths: Iterable[int]) -> float:
