@@ -342,6 +342,7 @@ def main() -> int:
     ap.add_argument("--full-offload", action="store_true",
                     help="Megatron full training with the optimizer in host memory (train.optimizer_cpu_offload)")
     ap.add_argument("--render", type=Path, help="only write the Markdown and PNG from this JSON")
+    ap.add_argument("--prepare-only", action="store_true", help="only write and convert the checkpoint (CPU)")
     ap.add_argument("--hf-worker", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
@@ -350,6 +351,9 @@ def main() -> int:
         return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out)
     if args.render:
         render(json.loads(args.render.read_text()), args.render.parent)
+        return 0
+    if args.prepare_only:
+        make_model(args.work, args.layers)
         return 0
     if args.out is None:
         ap.error("--out is required")
