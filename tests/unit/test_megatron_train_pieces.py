@@ -264,3 +264,48 @@ def test_primed_adam_state_is_what_the_first_step_creates_and_has_one_step():
     for a, b in zip(fresh, primed):
         assert torch.equal(a, b)
     assert opt_primed.state_dict()["state"][0]["step"].item() == 3
+
+
+def test_adam_resumed_with_one_shared_step_tensor_is_repaired():
+    """What megatron-core's DistributedOptimizer.load_state_dict (no Apex/TE) leaves behind: one step
+    tensor in every parameter's torch Adam state. torch increments it once per parameter per step, so
+    the updates after a resume differ from the uninterrupted run's; ``unshare_adam_steps`` restores
+    them exactly."""
+    from qnext.megatron.train import unshare_adam_steps
+
+    torch.manual_seed(0)
+    init = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
+
+    def run(params, opt, steps):
+        for g in steps:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+
+    ref = [torch.nn.Parameter(p.clone()) for p in init]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    run(ref, ref_opt, grads)  # uninterrupted: 6 steps
+
+    def resumed(repair: bool):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+        run(ps, opt, grads[:3])
+        saved = opt.state_dict()
+        new = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt2 = torch.optim.AdamW(new, lr=1e-2, weight_decay=0.1)
+        shared = torch.tensor(3.0)  # megatron: step = torch.tensor(steps[0]); s["step"] = step for every s
+        state = {i: dict(s, step=shared) for i, s in saved["state"].items()}
+        opt2.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        if repair:
+            assert unshare_adam_steps(_Wrapper(opt2)) == 2
+            assert unshare_adam_steps(_Wrapper(opt2)) == 0
+        run(new, opt2, grads[3:])
+        return new, opt2
+
+    broken, broken_opt = resumed(repair=False)
+    assert broken_opt.state_dict()["state"][0]["step"].item() == 3 + 3 * 3  # advanced once per parameter
+    assert not all(torch.equal(a, b) for a, b in zip(broken, ref))
+    fixed, fixed_opt = resumed(repair=True)
+    assert all(torch.equal(a, b) for a, b in zip(fixed, ref))
+    assert {s["step"].item() for s in fixed_opt.state_dict()["state"].values()} == {6.0}

@@ -242,6 +242,31 @@ def prime_adam_states(optimizer) -> int:
     return n
 
 
+def unshare_adam_steps(optimizer) -> int:
+    """Give every parameter of torch's Adam/AdamW inside ``optimizer`` its own ``step`` tensor;
+    returns how many were shared before.
+
+    Why: megatron-core 0.19.2's ``DistributedOptimizer.load_state_dict`` without Apex/TE puts *one*
+    step tensor into every parameter's state (``s["step"] = step``), and torch's Adam increments each
+    parameter's step in place, so after a resume the shared counter advanced once per parameter at
+    every step: bias correction then used a step count in the thousands instead of k + 1 and the
+    updates after a resume differed from the uninterrupted run's (measured on an H200: the loss
+    right after resuming matched, the next ones did not). megatron's own CPU-offload branch clones
+    the step per parameter; this does the same for the plain torch optimizers."""
+    n = 0
+    for opt in torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for state in opt.state.values():
+            step = state.get("step")
+            if step is None or not hasattr(step, "detach"):
+                continue
+            if id(step) in seen:
+                state["step"] = step.detach().clone()
+                n += 1
+            seen.add(id(state["step"]))
+    return n
+
+
 def initialize_megatron_without_dataset_helpers(args) -> None:
     """``megatron.training.initialize_megatron`` without its last step.
 
@@ -369,9 +394,12 @@ class MegatronRun:
         def load_with_adam_state(model, optimizer, *a, **k):
             if ckpt.resuming and optimizer is not None:
                 prime_adam_states(optimizer)
-            return load(model, optimizer, *a, **k)
+            result = load(model, optimizer, *a, **k)
+            if ckpt.resuming and optimizer is not None:
+                unshare_adam_steps(optimizer)
+            return result
 
-        mtraining.load_checkpoint = load_with_adam_state  # for this call only (see prime_adam_states)
+        mtraining.load_checkpoint = load_with_adam_state  # for this call only (prime_adam_states, unshare_adam_steps)
         try:
             self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
                 ModelType.encoder_or_decoder, provider, checkpointing_context={})
