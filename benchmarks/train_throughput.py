@@ -110,43 +110,38 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
             "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs), "losses": [r.get("loss") for r in steps]}
 
 
+def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict], dict]:
+    """One run in its own process: its per-step records and wall time, or why it failed."""
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        tail = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout or "")
+        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(tail)}
+    info: dict[str, Any] = {"wall_s": round(time.time() - t0, 1)}
+    if proc.returncode != 0:
+        text = proc.stdout + proc.stderr
+        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
+        info["log_tail"] = _tail(text)
+    return _metrics(out), info
+
+
 def run_backend(kind: str, overrides: list[str], out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
     script = "scripts/run-8gpu.sh" if kind == "megatron" else "scripts/run-fsdp.sh"
     env = dict(os.environ, NPROC=str(ngpu), QNEXT_SKIP_DOCTOR="1", PY=sys.executable, PYTHONUNBUFFERED="1",
                NCCL_NVLS_ENABLE="0")
     cmd = ["bash", str(REPO / script), *overrides, f"output_dir={out}"]
     print(f"[bench] $ NPROC={ngpu} {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(str(err.stdout or ""))}
-    info = {"wall_s": round(time.time() - t0, 1)}
-    if proc.returncode != 0:
-        text = proc.stdout + proc.stderr
-        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
-        info["log_tail"] = _tail(text)
-    return _metrics(out), info
+    return _run(cmd, env, out, timeout)
 
 
-def run_hf_worker(args, model, mode: str, out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
+def run_hf_worker(args, model, mode: str, out: Path, timeout: int) -> tuple[list[dict], dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", mode, "--hf-dir", str(model["hf"]),
            "--seq", str(args.seq), "--gbs", str(args.gbs), "--steps", str(args.steps), "--run-out", str(out)]
     print(f"[bench] $ {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    except subprocess.TimeoutExpired as err:
-        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(str(err.stdout or ""))}
-    info = {"wall_s": round(time.time() - t0, 1)}
-    if proc.returncode != 0:
-        text = proc.stdout + proc.stderr
-        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
-        info["log_tail"] = _tail(text)
-    return _metrics(out), info
+    return _run(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), out, timeout)
 
 
 def planned_peak_gib(overrides: list[str], ngpu: int) -> Optional[float]:
@@ -395,7 +390,7 @@ def main() -> int:
         row: dict[str, Any] = {"approach": approach, "mode": mode, "gpus": ngpu}
         if approach == "hf":
             row["layout"] = f'device_map="auto" over {ngpu} GPU(s), grad ckpt'
-            recs, info = run_hf_worker(args, model, mode, out, ngpu, args.timeout)
+            recs, info = run_hf_worker(args, model, mode, out, args.timeout)
         else:
             ovs = (megatron_overrides if approach == "megatron" else fsdp_overrides)(args, model, mode, ngpu)
             if approach == "megatron":
