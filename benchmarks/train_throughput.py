@@ -38,6 +38,8 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from qnext.fsutil import atomic_write_text  # noqa: E402
+
 APPROACHES = ("megatron", "fsdp", "hf")
 MODES = ("lora", "full")
 LABEL = {"megatron": "Megatron backend (this repo)", "fsdp": "FSDP backend (this repo)",
@@ -288,7 +290,7 @@ def render(data: dict, out_dir: Path) -> None:
     if fails:
         lines += ["", "Failed runs (last lines of their logs are in the JSON):"]
         lines += [f"- {LABEL.get(r['approach'])} {r['mode']}: {r['error']}" for r in fails]
-    (out_dir / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "train_throughput.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
 
@@ -354,16 +356,16 @@ def main() -> int:
         ap.error("--out is required")
     if args.warmup >= args.steps:
         ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    wanted = [tuple(x.split(":", 1)) for x in args.only.split(",") if x] or [(a, m) for m in MODES for a in APPROACHES]
+    for pair in wanted:
+        if len(pair) != 2 or pair[0] not in APPROACHES or pair[1] not in MODES:
+            ap.error(f"--only: {':'.join(pair)} is not approach:mode with approach in {APPROACHES}, mode in {MODES}")
     import torch
 
     ngpu = torch.cuda.device_count()
     if ngpu == 0:
         print("train_throughput needs CUDA GPUs")
         return 2
-    wanted = [tuple(x.split(":")) for x in args.only.split(",") if x] or [(a, m) for m in MODES for a in APPROACHES]
-    for a, m in wanted:
-        if a not in APPROACHES or m not in MODES:
-            ap.error(f"--only: {a}:{m} is not one of {APPROACHES} x {MODES}")
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     from qnext.throughput import peak_tflops
@@ -411,7 +413,7 @@ def main() -> int:
         data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"]) != (approach, mode)] + [row]
         order = {(a, m): i for i, (m, a) in enumerate((m, a) for m in MODES for a in APPROACHES)}
         data["runs"].sort(key=lambda r: order.get((r["approach"], r["mode"]), 99))
-        json_path.write_text(json.dumps(data, indent=1) + "\n")
+        atomic_write_text(json_path, json.dumps(data, indent=1) + "\n")  # results so far survive a killed run
         render(data, args.out)
     print((args.out / "train_throughput.md").read_text())
     return 0 if all("error" not in r for r in data["runs"]) else 1

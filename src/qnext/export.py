@@ -221,7 +221,11 @@ def _megatron_run_adapter(run_dir: Path, into: Path) -> Path:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
         raise UserError(f"{run_dir} is a Megatron run without its config.yaml", hint="was the run directory copied in part?")
-    train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
+    try:
+        train = (yaml.safe_load(cfg_file.read_text()) or {}).get("train") or {}
+    except (yaml.YAMLError, AttributeError) as err:
+        raise UserError(f"{cfg_file} is not the YAML mapping a training run writes: {err}",
+                        hint="restore the run's config.yaml, or export with --adapter") from None
     if train.get("mode") != "lora":
         raise UserError(f"{run_dir} is a Megatron train.mode={train.get('mode')} run: it has no adapter",
                         hint=f"full-training checkpoints export with `make export CKPT={run_dir / 'checkpoints'} OUT=<dir>`")

@@ -451,3 +451,7 @@ def test_export_cli_reads_a_megatron_lora_run(tiny, world, tmp_path):
     proc = subprocess.run([*cmd[:3], str(full), "--adapter-out", str(tmp_path / "a2")], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
     assert proc.returncode == 2 and "make export" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (full / "config.yaml").write_text("train: [unclosed\n")
+    proc = subprocess.run([*cmd[:3], str(full), "--adapter-out", str(tmp_path / "a3")], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+    assert proc.returncode == 2 and "config.yaml" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -249,9 +249,9 @@ def unshare_adam_steps(optimizer) -> int:
     Why: megatron-core 0.19.2's ``DistributedOptimizer.load_state_dict`` without Apex/TE puts *one*
     step tensor into every parameter's state (``s["step"] = step``), and torch's Adam increments each
     parameter's step in place, so after a resume the shared counter advanced once per parameter at
-    every step: bias correction then used a step count in the thousands instead of k + 1 and the
-    updates after a resume differed from the uninterrupted run's (measured on an H200: the loss
-    right after resuming matched, the next ones did not). megatron's own CPU-offload branch clones
+    every step: bias correction then used a step count far beyond k + 1 and the updates after a
+    resume differed from the uninterrupted run's (measured on an H200: the loss right after resuming
+    matched, the next ones did not; benchmarks/results/megatron_train_gpu/README.md). megatron's own CPU-offload branch clones
     the step per parameter; this does the same for the plain torch optimizers."""
     n = 0
     for opt in torch_optimizers(optimizer):
