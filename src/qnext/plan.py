@@ -9,10 +9,12 @@ the way megatron-core 0.19.2 splits them:
 - attention, Gated DeltaNet, shared expert: linear weights over TP (norms, router, biases replicated);
 - routed experts: over EP x ETP; decoder layers over PP (the first and the last stage also hold the
   embedding and the head);
-- ``train.mode=full``: bf16 weights (2 B) and bf16 gradient buffers (2 B) on every GPU, plus the
-  distributed optimizer's fp32 main weights, fp32 main gradients and two Adam moments (16 B) sharded
-  over the data-parallel ranks (the expert-data-parallel ranks for experts); with
-  ``train.optimizer_cpu_offload`` those 16 B live in host memory;
+- ``train.mode=full``: bf16 weights (2 B) and the DDP gradient buffer on every GPU, which is fp32
+  (4 B: megatron.training turns ``accumulate_allreduce_grads_in_fp32`` on for ``--bf16``; the main
+  gradients are views into it), plus the distributed optimizer's fp32 main weights and two Adam
+  moments (12 B) sharded over the data-parallel ranks (the expert-data-parallel ranks for experts);
+  with ``train.optimizer_cpu_offload`` those live in host memory, with a host copy of the gradients
+  (16 B);
 - ``train.mode=lora``: bf16 frozen weights only; the adapters (r x (in + out) per targeted linear) get
   weights, gradients and optimizer states like full training.
 
@@ -198,18 +200,19 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
         if stage == pp - 1:
             act += t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * 4  # fp32 logits
         weights = 2 * (dense + expert)
-        opt_full = 16 * (dense / dp + expert / edp)
+        opt_full = 12 * (dense / dp + expert / edp)
+        host_full = 16 * (dense / dp + expert / edp)  # with CPU offload: main weights, moments, grads
         if lora:
             grads, opt = 0.0, 0.0
-            lora_b = n_lora * (2 + 2) + n_lora * 16 / dp
+            lora_b = n_lora * (2 + 4) + n_lora * 12 / dp
         else:
-            grads = 2 * (dense + expert)
+            grads = 4 * (dense + expert)
             opt = 0.0 if t.optimizer_cpu_offload else opt_full
             lora_b = 0.0
         total = weights + grads + opt + lora_b + act
         if best is None or total > best[0]:
-            best = (total, weights, grads, opt, lora_b, act, dense + expert, opt_full)
-    _, weights, grads, opt, lora_b, act, n_gpu, opt_full = best
+            best = (total, weights, grads, opt, lora_b, act, dense + expert, host_full)
+    _, weights, grads, opt, lora_b, act, n_gpu, host_full = best
     # full sequences (packed data fills them); LoRA: no weight gradients of frozen weights, plus the
     # adapters' own 3 passes
     step_flops = model_step_flops(hf, [d.seq_length] * t.global_batch_size, lora)
@@ -218,7 +221,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
     layout = f"{world} GPUs: tp {tp} pp {pp} ep {ep} etp {etp} cp {cp} dp {dp}; {t.mode}; recompute {p.recompute}"
     notes = []
     if not lora and t.optimizer_cpu_offload:
-        notes.append(f"optimizer states in host memory: {opt_full / GIB:.1f} GiB per GPU's process")
+        notes.append(f"optimizer states in host memory: {host_full / GIB:.1f} GiB per GPU's process (fp32 main weights, Adam moments, gradients)")
     return Plan(int(weights), int(grads), int(opt), int(lora_b), int(act), BUFFER_BYTES, pc.total, int(n_gpu),
                 step_flops, layout, notes)
 
