@@ -47,6 +47,7 @@ LABEL = {"megatron": "Megatron backend (this repo)", "fsdp": "FSDP backend (this
 LORA = {"r": 16, "alpha": 32}  # recipes/train/lora.yaml
 LR = {"lora": 2e-4, "full": 1e-5}
 GIB = 2**30
+STACK_DUMP_S = 120  # each run's log shows where it spends a slow first step (qnext.errors.start_stack_dumps)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -113,17 +114,28 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
 
 
 def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict], dict]:
-    """One run in its own process: its per-step records and wall time, or why it failed."""
+    """One run in its own process group, its output in ``<out>.log``: its per-step records and wall time,
+    or why it failed. A run past ``timeout`` is killed with all its children (torchrun's workers too), so
+    the next run starts on a free GPU."""
+    import signal
+
+    log = out.parent / f"{out.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:
-        tail = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else str(err.stdout or "")
-        return _metrics(out), {"error": f"timed out after {timeout}s", "log_tail": _tail(tail)}
-    info: dict[str, Any] = {"wall_s": round(time.time() - t0, 1)}
-    if proc.returncode != 0:
-        text = proc.stdout + proc.stderr
-        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {proc.returncode}"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    text = log.read_text(errors="replace")
+    info: dict[str, Any] = {"wall_s": round(time.time() - t0, 1), "log": str(log)}
+    if rc is None:
+        info.update(error=f"timed out after {timeout}s", log_tail=_tail(text))
+    elif rc != 0:
+        info["error"] = "out of memory" if "OutOfMemory" in text or "out of memory" in text else f"exit {rc}"
         info["log_tail"] = _tail(text)
     return _metrics(out), info
 
@@ -131,7 +143,7 @@ def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict]
 def run_backend(kind: str, overrides: list[str], out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
     script = "scripts/run-8gpu.sh" if kind == "megatron" else "scripts/run-fsdp.sh"
     env = dict(os.environ, NPROC=str(ngpu), QNEXT_SKIP_DOCTOR="1", PY=sys.executable, PYTHONUNBUFFERED="1",
-               NCCL_NVLS_ENABLE="0")
+               NCCL_NVLS_ENABLE="0", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S))
     cmd = ["bash", str(REPO / script), *overrides, f"output_dir={out}"]
     print(f"[bench] $ NPROC={ngpu} {' '.join(cmd[1:])}", flush=True)
     return _run(cmd, env, out, timeout)
@@ -143,7 +155,7 @@ def run_hf_worker(args, model, mode: str, out: Path, timeout: int) -> tuple[list
     print(f"[bench] $ {' '.join(cmd[1:])}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    return _run(cmd, dict(os.environ, PYTHONUNBUFFERED="1"), out, timeout)
+    return _run(cmd, dict(os.environ, PYTHONUNBUFFERED="1", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S)), out, timeout)
 
 
 def planned_peak_gib(overrides: list[str], ngpu: int) -> Optional[float]:
@@ -165,8 +177,10 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
     from qnext.data.dataset import IGNORE_INDEX, build_datasets
     from qnext.data.tokenizer import load_tokenizer
     from qnext.metrics import peak_memory_gib
+    from qnext.errors import start_stack_dumps
     from qnext.throughput import step_flops
 
+    start_stack_dumps()
     if not torch.cuda.is_available():  # a CPU smoke run: fla's kernels need a GPU
         from qnext.models.hf import force_torch_gdn_path
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, Optional, TypeVar
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
@@ -32,15 +32,37 @@ def format_user_error(err: UserError) -> str:
     return text
 
 
+def start_stack_dumps(env: Optional[Mapping[str, str]] = None) -> Optional[float]:
+    """Honour ``QNEXT_STACK_DUMP_S``: dump all threads' stacks to stderr every that many seconds."""
+    raw = (os.environ if env is None else env).get("QNEXT_STACK_DUMP_S", "").strip()
+    if not raw or raw == "0":
+        return None
+    try:
+        every = float(raw)
+        if every <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"QNEXT_STACK_DUMP_S={raw!r} is not a positive number of seconds",
+                        hint="unset it, or set e.g. QNEXT_STACK_DUMP_S=60") from None
+    import faulthandler
+
+    faulthandler.dump_traceback_later(every, repeat=True, file=sys.stderr)
+    print(f"[qnext] QNEXT_STACK_DUMP_S: printing all Python stacks to stderr every {every:g}s", file=sys.stderr,
+          flush=True)
+    return every
+
+
 def cli_main(fn: F) -> F:
     """Run ``fn``; a UserError becomes one message on stderr and exit code 2.
 
-    Set QNEXT_TRACEBACK=1 to see the full traceback of a UserError as well.
+    Set QNEXT_TRACEBACK=1 to see the full traceback of a UserError as well, and QNEXT_STACK_DUMP_S=N to
+    have every thread's Python stack printed to stderr every N seconds (where a hang or a slow step is).
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            start_stack_dumps()
             rc = fn(*args, **kwargs)
         except UserError as err:
             if os.environ.get("QNEXT_TRACEBACK"):

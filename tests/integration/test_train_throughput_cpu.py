@@ -1,0 +1,71 @@
+"""benchmarks/train_throughput.py on the CPU: the HF-pipeline worker trains a tiny Qwen3-Next through the
+runner the benchmark uses for every approach, the step records become the table's means, a run past its
+time limit is killed with its children, and the Markdown table is written from the JSON."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks/train_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_hf_worker_trains_and_its_records_summarize(tmp_path):
+    from qnext.models.tiny import write_tiny_checkpoint
+
+    tt = _bench()
+    hf = tmp_path / "hf"
+    write_tiny_checkpoint(hf, seed=0)
+    args = SimpleNamespace(seq=256, gbs=2, steps=3)
+    recs, info = tt.run_hf_worker(args, {"hf": hf}, "lora", tmp_path / "runs/hf_lora", timeout=600)
+    assert "error" not in info, info.get("log_tail")
+    assert Path(info["log"]).read_text().count("[hf] step") == 3
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0 and r["tflops_per_device"] > 0
+    row = tt.summarize_steps(recs, warmup=1, ngpu=1, peak_measured=100.0)
+    assert row["steps_timed"] == 2
+    assert abs(row["step_time_s"] - (recs[1]["step_time_s"] + recs[2]["step_time_s"]) / 2) < 1e-12
+    assert abs(row["mfu_measured_peak"] - row["tflops_per_gpu"] / 100.0) < 1e-12
+
+
+def test_a_run_past_its_limit_is_killed_with_its_children(tmp_path):
+    tt = _bench()
+    pidfile = tmp_path / "child.pid"
+    cmd = ["bash", "-c", f"sleep 120 & echo $! > {pidfile}; echo started; wait"]
+    t0 = time.time()
+    recs, info = tt._run(cmd, {"PATH": "/usr/bin:/bin"}, tmp_path / "runs/slow", timeout=2)
+    assert time.time() - t0 < 30
+    assert info["error"] == "timed out after 2s" and "started" in info["log_tail"] and recs == []
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "\nState:\tZ" in status.read_text(), "the grandchild survived the kill"
+
+
+def test_render_writes_the_table_with_ratios_and_targets(tmp_path):
+    tt = _bench()
+    env = {"date": "2026-12-02", "gpu": "GPU", "gpus": 1, "model": "m", "command": "c", "matmul_peak_tflops": 500.0,
+           "matmul_shape": "s", "datasheet_peak_tflops": 1000.0, "seq": 4096, "gbs": 2, "steps": 6, "warmup": 2}
+    row = lambda a, tps, **kw: {"approach": a, "mode": "lora", "layout": "x", "step_time_s": 1.0,  # noqa: E731
+                                "tokens_per_s_per_gpu": tps, "tflops_per_gpu": 50.0, "mfu_measured_peak": 0.1,
+                                "peak_mem_gib": 20.0, **kw}
+    data = {"environment": env, "runs": [row("megatron", 12000.0, planned_peak_gib=22.0), row("hf", 1000.0),
+                                          {"approach": "fsdp", "mode": "lora", "error": "out of memory"}]}
+    (tmp_path / "train_throughput.json").write_text(json.dumps(data))
+    tt.render(data, tmp_path)
+    md = (tmp_path / "train_throughput.md").read_text()
+    assert "| 12.0x |" in md and "22.0 (+10%)" in md
+    assert "lora: Megatron / HF pipeline = 12.0x (met)" in md and "(+10%, met)" in md
+    assert "FSDP backend (this repo) lora: out of memory" in md
