@@ -27,7 +27,7 @@ def test_hf_worker_trains_and_its_records_summarize(tmp_path):
     tt = _bench()
     hf = tmp_path / "hf"
     write_tiny_checkpoint(hf, seed=0)
-    args = SimpleNamespace(seq=256, gbs=2, steps=3)
+    args = SimpleNamespace(seq=64, gbs=1, steps=3)  # small: a CPU backward of this model takes ~10 s
     recs, info = tt.run_hf_worker(args, {"hf": hf}, "lora", tmp_path / "runs/hf_lora", timeout=600)
     assert "error" not in info, info.get("log_tail")
     assert Path(info["log"]).read_text().count("[hf] step") == 3
