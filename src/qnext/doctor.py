@@ -316,28 +316,27 @@ def check_nccl(report: Report, have_gpu: bool, timeout_s: float = 180.0) -> None
 
 
 def check_memory_plan(report: Report, recipe: str | None, have_gpu: bool) -> None:
+    """The recipe's planned peak per GPU (qnext.plan) against the free memory of this node's GPUs."""
     if not recipe:
         report.add("skip", "memory plan", "no recipe given (make doctor RECIPE=<name>)")
         return
-    try:
-        from . import plan  # type: ignore[attr-defined]
-        from .config import load_config
-    except ImportError:
-        report.add("skip", "memory plan", "qnext.plan is not available in this checkout")
+    from .config import load_config
+    from .plan import GIB, plan
+
+    cfg = load_config([f"recipe={recipe}"])
+    if cfg.parallel.backend != "megatron":
+        report.add("skip", "memory plan", f"recipe {recipe} uses the {cfg.parallel.backend} backend; the planner models Megatron")
         return
-    fn = getattr(plan, "peak_bytes_per_gpu", None)
-    if fn is None:
-        report.add("skip", "memory plan", "qnext.plan has no peak_bytes_per_gpu(cfg)")
+    pl = plan(cfg)
+    if not have_gpu:
+        report.add("info", "memory plan", f"recipe {recipe}: {pl.peak / GIB:.1f} GiB per GPU planned ({pl.layout}; no GPU to compare)")
         return
     import torch
 
-    need = fn(load_config([f"recipe={recipe}"]))
-    if not have_gpu:
-        report.add("info", "memory plan", f"recipe {recipe}: {need / 2**30:.1f} GiB per GPU planned (no GPU to compare)")
-        return
     free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    status = "ok" if need <= free else "fail"
-    report.add(status, "memory plan", f"recipe {recipe}: {need / 2**30:.1f} GiB per GPU planned, {free / 2**30:.1f} GiB free")
+    status = "ok" if pl.peak <= free else "fail"
+    report.add(status, "memory plan", f"recipe {recipe}: {pl.peak / GIB:.1f} GiB per GPU planned ({pl.layout}), "
+               f"{free / GIB:.1f} GiB free" + ("" if status == "ok" else f"; see `make plan RECIPE={recipe}` for layouts that fit"))
 
 
 @cli_main

@@ -28,12 +28,14 @@ The activation model is a first estimate: it is not yet calibrated against measu
 """
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional
 
 from .config import RecipeConfig
 from .config.validate import load_hf_config
+from .errors import UserError
 
 GIB = 2**30
 BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
@@ -86,6 +88,18 @@ def count_params(hf: Mapping[str, Any]) -> ParamCounts:
             else:
                 pc.dense_split[i] += n
     return pc
+
+
+_MEMO: dict[str, Any] = {}
+
+
+def _memo(key: Any, compute):
+    """Counts of one model (and LoRA setting) are computed once per process: the 80B weight map takes
+    seconds to expand, and proposing layouts plans dozens of layouts of the same model."""
+    k = json.dumps(key, sort_keys=True, default=str)
+    if k not in _MEMO:
+        _MEMO[k] = compute()
+    return _MEMO[k]
 
 
 def lora_params_per_layer(hf: Mapping[str, Any], cfg: RecipeConfig) -> list[int]:
@@ -180,12 +194,12 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
     tp, pp, ep, etp, cp = p.tp, p.pp, p.ep, p.etp, p.cp
     dp = max(1, world // (tp * pp * cp))
     edp = max(1, world // (ep * etp * pp))
-    pc = count_params(hf)
+    pc = _memo(("count", hf), lambda: count_params(hf))
     layers = int(hf["num_hidden_layers"])
     per_stage = layers // pp
     types = list(Qwen3NextDims.from_hf_config(hf).layer_types)
     lora = t.mode == "lora"
-    lora_layer = lora_params_per_layer(hf, cfg) if lora else [0] * layers
+    lora_layer = _memo(("lora", hf, asdict(t.lora)), lambda: lora_params_per_layer(hf, cfg)) if lora else [0] * layers
 
     best = None
     for stage in range(pp):
@@ -224,6 +238,29 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
         notes.append(f"optimizer states in host memory: {host_full / GIB:.1f} GiB per GPU's process (fp32 main weights, Adam moments, gradients)")
     return Plan(int(weights), int(grads), int(opt), int(lora_b), int(act), BUFFER_BYTES, pc.total, int(n_gpu),
                 step_flops, layout, notes)
+
+
+def check_fits(cfg: RecipeConfig, pl: Plan, gpu_mem_bytes: float, gpus: int) -> Optional[str]:
+    """The start-up check of the Megatron entry: ``None`` when the planned peak fits ``gpu_mem_bytes``,
+    a warning when it is within 10% of it, and a :class:`UserError` (the plan, layouts that fit, how to
+    override) when it does not fit and ``parallel.memory_check`` is on."""
+    if pl.peak <= 0.9 * gpu_mem_bytes:
+        return None
+    need, have = pl.peak / GIB, gpu_mem_bytes / GIB
+    if pl.peak <= gpu_mem_bytes:
+        return f"memory plan: {need:.1f} GiB of {have:.1f} GiB per GPU planned; little headroom (the plan is an estimate)"
+    if not cfg.parallel.memory_check:
+        return (f"memory plan: {need:.1f} GiB per GPU planned, more than the GPU's {have:.1f} GiB; starting anyway "
+                "(parallel.memory_check=false)")
+    fits = propose_layouts(cfg, gpus, gpu_mem_bytes)
+    options = "; ".join(" ".join(f"parallel.{k}={v}" for k, v in lay.items() if k in ("tp", "pp", "ep"))
+                        + f" ({p.peak / GIB:.1f} GiB)" for lay, p in fits[:3])
+    hint = (f"layouts that fit {gpus} GPUs of {have:.0f} GiB: {options}" if options else
+            "no TP/PP/EP layout fits these GPUs: use LoRA, train.optimizer_cpu_offload=true, parallel.recompute=full, "
+            "a shorter data.seq_length or more GPUs")
+    raise UserError(f"the memory plan needs {need:.1f} GiB per GPU, the GPU has {have:.1f} GiB:\n{pl.table()}",
+                    hint=hint + " (or parallel.memory_check=false to start anyway: the plan is an estimate; "
+                    f"see `make plan RECIPE=... GPUS={gpus} GPU_MEM={have:.0f}`)")
 
 
 def peak_bytes_per_gpu(cfg: RecipeConfig) -> int:

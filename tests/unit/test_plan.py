@@ -86,3 +86,42 @@ def test_cli_fits_does_not_fit_and_refuses_fsdp():
     fsdp = run_plan("recipe=tiny_lora_cpu")
     assert fsdp.returncode == 2 and "planner models the Megatron backend" in fsdp.stderr
     assert "Traceback" not in fsdp.stderr
+
+
+def test_start_up_check_refuses_a_layout_that_cannot_fit_and_proposes_ones_that_do():
+    from qnext.errors import UserError
+    from qnext.plan import check_fits
+
+    cfg = load_config(["recipe=qwen3_next_80b_lora"])
+    pl = plan(cfg, world_size=8)
+    assert check_fits(cfg, pl, 80 * GIB, 8) is None  # 41.8 GiB planned: fits an H100 with room
+    assert "little headroom" in check_fits(cfg, pl, pl.peak / 0.95, 8)
+    with pytest.raises(UserError) as err:
+        check_fits(cfg, pl, 40 * GIB, 8)
+    text = str(err.value)
+    assert f"needs {pl.peak / GIB:.1f} GiB per GPU" in text and "activations" in text  # the plan's table
+    assert "parallel.tp=" in text and "parallel.memory_check=false" in text
+    # each proposed layout's own plan fits 40 GiB
+    from dataclasses import replace
+    import re
+
+    for tp, pp, ep in re.findall(r"parallel\.tp=(\d+) parallel\.pp=(\d+) parallel\.ep=(\d+)", text):
+        c = replace(cfg, parallel=replace(cfg.parallel, tp=int(tp), pp=int(pp), ep=int(ep)))
+        assert plan(c, world_size=8).peak <= 40 * GIB
+    off = load_config(["recipe=qwen3_next_80b_lora", "parallel.memory_check=false"])
+    assert "starting anyway" in check_fits(off, plan(off, world_size=8), 40 * GIB, 8)
+    full = load_config(["recipe=qwen3_next_80b_full", "parallel=1gpu", "train.optimizer_cpu_offload=false"])
+    with pytest.raises(UserError, match="no TP/PP/EP layout fits"):
+        check_fits(full, plan(full, world_size=1), 80 * GIB, 1)
+
+
+def test_doctor_reports_the_recipe_plan():
+    from qnext.doctor import Report, check_memory_plan
+
+    rep = Report()
+    check_memory_plan(rep, "qwen3_next_80b_lora", have_gpu=False)
+    check_memory_plan(rep, "tiny_lora_cpu", have_gpu=False)
+    expected = plan(load_config(["recipe=qwen3_next_80b_lora"])).peak / GIB
+    (mg, fs) = rep.lines
+    assert mg.status == "info" and f"{expected:.1f} GiB per GPU planned" in mg.detail and "8 GPUs" in mg.detail
+    assert fs.status == "skip" and "fsdp backend" in fs.detail

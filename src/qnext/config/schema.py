@@ -79,6 +79,7 @@ class ParallelConfig:
     recompute: str = "none"  # none | selective | full
     num_gpus_per_node: int = 8
     num_nodes: int = 1
+    memory_check: bool = True  # Megatron: refuse to start when the memory plan (qnext.plan) exceeds the GPU
 
 
 @dataclass

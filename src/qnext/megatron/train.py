@@ -326,6 +326,29 @@ class MegatronRun:
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.is_logger = self.rank == self.world - 1  # last pipeline stage; megatron's writers live there
         self.device = torch.device("cuda", torch.cuda.current_device())
+        self.check_memory_plan()
+
+    def check_memory_plan(self) -> None:
+        """The planner's peak per GPU against this GPU's memory (qnext.plan.check_fits): a layout that
+        cannot fit stops here, with layouts that do, instead of an out-of-memory error at step 1."""
+        import torch
+
+        from ..plan import GIB, check_fits, plan
+
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        try:
+            pl = plan(self.cfg, world_size=self.world)
+        except UserError:
+            raise
+        except Exception as err:  # the plan is advice: a model it cannot count must still train
+            self.planned_peak_gib = None
+            self.say(f"warning: no memory plan for this model ({type(err).__name__}: {err})")
+            return
+        note = check_fits(self.cfg, pl, total, self.world)
+        self.planned_peak_gib = round(pl.peak / GIB, 2)
+        self.say(f"memory plan: {pl.peak / GIB:.1f} GiB per GPU planned ({pl.layout}); this GPU has {total / GIB:.1f} GiB")
+        if note:
+            self.say(f"warning: {note}")
 
     def prepare_output_dir(self) -> None:
         import torch
@@ -535,7 +558,7 @@ class MegatronRun:
     def run(self) -> dict[str, Any]:
         from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
 
-        from ..metrics import MetricsLogger
+        from ..metrics import MetricsLogger, peak_memory_gib
 
         args, t = self.args, self.cfg.train
         start, total = int(args.iteration), int(args.train_iters)
@@ -583,6 +606,8 @@ class MegatronRun:
             if png is not None:
                 summary["loss_curve"] = str(png)
             summary["wall_s"] = round(time.time() - self.t0, 1)
+            summary["planned_peak_gib"] = self.planned_peak_gib
+            summary["peak_mem_gib"] = peak_memory_gib(self.device)
             if self.is_logger:
                 summary["data"] = self.data_stats.to_dict()
                 (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
