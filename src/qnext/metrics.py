@@ -33,6 +33,7 @@ _FORMATS = {
     "tflops_per_device": ("TFLOP/s/dev", "{:.2f}"),
     "mfu": ("MFU", "{:.1%}"),
     "peak_mem_gib": ("mem", "{:.2f}GiB"),
+    "peak_reserved_gib": ("reserved", "{:.2f}GiB"),
     "step_time_s": ("step", "{:.2f}s"),
     "eval_loss": ("eval_loss", "{:.4f}"),
     "eval_ppl": ("eval_ppl", "{:.2f}"),
@@ -47,6 +48,15 @@ def peak_memory_gib(device: torch.device | str | None = None) -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def peak_reserved_gib(device: torch.device | str | None = None) -> float | None:
+    """CUDA: the caching allocator's max reserved bytes (what the GPU holds for tensors, fragmentation
+    included); ``None`` off CUDA."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_reserved(dev) / 2**30
+    return None
 
 
 def format_record(rec: dict[str, Any], total_steps: int | None = None) -> str:

@@ -61,11 +61,11 @@ def test_render_writes_the_table_with_ratios_and_targets(tmp_path):
     row = lambda a, tps, **kw: {"approach": a, "mode": "lora", "layout": "x", "step_time_s": 1.0,  # noqa: E731
                                 "tokens_per_s_per_gpu": tps, "tflops_per_gpu": 50.0, "mfu_measured_peak": 0.1,
                                 "peak_mem_gib": 20.0, **kw}
-    data = {"environment": env, "runs": [row("megatron", 12000.0, planned_peak_gib=22.0), row("hf", 1000.0),
+    data = {"environment": env, "runs": [row("megatron", 12000.0, planned_peak_gib=25.0, planned_tensors_gib=22.0), row("hf", 1000.0),
                                           {"approach": "fsdp", "mode": "lora", "error": "out of memory"}]}
     (tmp_path / "train_throughput.json").write_text(json.dumps(data))
     tt.render(data, tmp_path)
     md = (tmp_path / "train_throughput.md").read_text()
     assert "| 12.0x |" in md and "22.0 (+10%)" in md
-    assert "lora: Megatron / HF pipeline = 12.0x (met)" in md and "(+10%, met)" in md
+    assert "lora: Megatron / HF pipeline = 12.0x (met)" in md and "(+10%, met)" in md and "allowance 25.0 GiB" in md
     assert "FSDP backend (this repo) lora: out of memory" in md

@@ -309,7 +309,7 @@ class Trainer:
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         dt = time.perf_counter() - t_start
-        from ..metrics import peak_memory_gib
+        from ..metrics import peak_memory_gib, peak_reserved_gib
 
         rec = {
             "loss": ce_global / denom,
@@ -317,7 +317,7 @@ class Trainer:
             "lr": lr,
             "tokens_per_s": global_inputs / dt,
             "tflops_per_device": self.flops_per_token * global_inputs / dt / env.world_size / 1e12,
-            "peak_mem_gib": peak_memory_gib(env.device),
+            "peak_mem_gib": peak_memory_gib(env.device), "peak_reserved_gib": peak_reserved_gib(env.device),
             "step_time_s": dt,
             "loss_tokens": int(global_tokens),
             "epoch": round(self.sampler.epoch_of(step + 1), 3),

@@ -468,7 +468,7 @@ class MegatronRun:
         from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
         from megatron.training.training import train_step
 
-        from ..metrics import peak_memory_gib
+        from ..metrics import peak_memory_gib, peak_reserved_gib
         from ..throughput import mfu, step_flops
         from .data import forward_step
 
@@ -492,7 +492,7 @@ class MegatronRun:
             "tokens_per_s": tokens / dt,
             "tflops_per_device": tflops,
             "mfu": mfu(tflops, torch.cuda.get_device_name(self.device)),
-            "peak_mem_gib": peak_memory_gib(self.device),
+            "peak_mem_gib": peak_memory_gib(self.device), "peak_reserved_gib": peak_reserved_gib(self.device),
             "step_time_s": dt,
             "loss_tokens": labelled,
             "epoch": round(self.sampler.epoch_of(step + 1), 3),
