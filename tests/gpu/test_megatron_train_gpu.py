@@ -125,7 +125,8 @@ def test_lora_lowers_heldout_loss_and_matches_hf_peft(converted, tmp_path):
     exported = tmp_path / "adapter"
     proc = subprocess.run([sys.executable, str(REPO / "tools/export_hf.py"), "--run", str(out), "--adapter-out",
                            str(exported), "--merged-out", str(tmp_path / "merged"), "--base", str(hf_dir)],
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
+                          capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     cfg = json.loads((hf_dir / "config.json").read_text())

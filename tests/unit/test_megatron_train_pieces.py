@@ -309,3 +309,45 @@ def test_adam_resumed_with_one_shared_step_tensor_is_repaired():
     fixed, fixed_opt = resumed(repair=True)
     assert all(torch.equal(a, b) for a, b in zip(fixed, ref))
     assert {s["step"].item() for s in fixed_opt.state_dict()["state"].values()} == {6.0}
+
+
+def test_adam_resumed_with_a_wrong_step_count_is_repaired_from_the_iteration():
+    """A resume whose Adam states hold the wrong ``step`` (0, as a primed fresh optimizer has) takes a
+    larger step than the uninterrupted run (bias correction of step 1); ``restore_adam_steps`` sets it
+    from the checkpoint's iteration and the resumed run equals the uninterrupted one bit for bit."""
+    from qnext.megatron.train import adam_state_report, restore_adam_steps
+
+    torch.manual_seed(1)
+    init = [torch.randn(4, 3), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
+
+    def run(params, opt, steps):
+        for g in steps:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+
+    ref = [torch.nn.Parameter(p.clone()) for p in init]
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95))
+    run(ref, ref_opt, grads)
+
+    def resumed(repair: bool):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95))
+        run(ps, opt, grads[:3])
+        saved = opt.state_dict()
+        new = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt2 = torch.optim.AdamW(new, lr=1e-2, betas=(0.9, 0.95))
+        opt2.load_state_dict({"state": {i: dict(s, step=torch.tensor(0.0)) for i, s in saved["state"].items()},
+                              "param_groups": saved["param_groups"]})
+        report = adam_state_report(_Wrapper(opt2))
+        assert report["steps"] == [0.0] and report["exp_avg_abs_mean"] > 0
+        if repair:
+            assert restore_adam_steps(_Wrapper(opt2), 3) == 2
+            assert restore_adam_steps(_Wrapper(opt2), 3) == 0
+            assert adam_state_report(_Wrapper(opt2))["steps"] == [3.0]
+        run(new, opt2, grads[3:])
+        return new
+
+    assert not all(torch.equal(a, b) for a, b in zip(resumed(repair=False), ref))
+    assert all(torch.equal(a, b) for a, b in zip(resumed(repair=True), ref))

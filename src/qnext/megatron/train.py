@@ -267,6 +267,45 @@ def unshare_adam_steps(optimizer) -> int:
     return n
 
 
+def adam_state_report(optimizer) -> dict[str, Any]:
+    """What torch's Adam holds after a load: the distinct ``step`` values, and the mean |exp_avg| (zero
+    would mean the moments were not restored)."""
+    steps: set[float] = set()
+    total, count = 0.0, 0
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if "step" in state:
+                steps.add(float(state["step"]))
+            m = state.get("exp_avg")
+            if m is not None:
+                total += float(m.float().abs().sum())
+                count += m.numel()
+    return {"steps": sorted(steps), "exp_avg_abs_mean": total / count if count else None}
+
+
+def restore_adam_steps(optimizer, iteration: int) -> int:
+    """Set every torch Adam ``step`` to ``iteration`` (its own tensor each); returns how many changed.
+
+    Why: in bf16 every megatron iteration is exactly one optimizer step (no loss scaler, no skipped
+    updates), so after resuming at iteration k Adam's bias correction must use k. The value megatron
+    restores through its param-group ``step`` was found wrong after a resume on the GPU (the update right
+    after the resume differed from the uninterrupted run's), so it is set from the checkpoint's
+    iteration, which megatron restores exactly."""
+    import torch
+
+    n = 0
+    for opt in torch_optimizers(optimizer):
+        for state in opt.state.values():
+            step = state.get("step")
+            if step is None:
+                continue
+            if not torch.is_tensor(step) or float(step) != float(iteration):
+                n += 1
+            device = step.device if torch.is_tensor(step) else None
+            state["step"] = torch.tensor(float(iteration), dtype=torch.float32, device=device)
+    return n
+
+
 def initialize_megatron_without_dataset_helpers(args) -> None:
     """``megatron.training.initialize_megatron`` without its last step.
 
@@ -418,8 +457,14 @@ class MegatronRun:
             if ckpt.resuming and optimizer is not None:
                 prime_adam_states(optimizer)
             result = load(model, optimizer, *a, **k)
-            if ckpt.resuming and optimizer is not None:
+            if ckpt.resuming and optimizer is not None and not self.args.no_load_optim:
                 unshare_adam_steps(optimizer)
+                iteration = int(result[0])
+                seen = adam_state_report(optimizer)
+                changed = restore_adam_steps(optimizer, iteration) if not self.args.fp16 else 0
+                self.say(f"resume: Adam state loaded at iteration {iteration}: step values {seen['steps']}, "
+                         f"mean |exp_avg| {seen['exp_avg_abs_mean']:.3e}"
+                         + (f"; step set to {iteration} in {changed} parameter states" if changed else ""))
             return result
 
         mtraining.load_checkpoint = load_with_adam_state  # for this call only (prime_adam_states, unshare_adam_steps)
