@@ -66,11 +66,31 @@ def make_model(work: Path, layers: int) -> dict[str, Path]:
     return {"hf": hf, "mg": mg}
 
 
+def make_data(work: Path, repeat: int, seq: int) -> tuple[Path, dict]:
+    """The bundled sample chats repeated ``repeat`` times, so that packing fills (nearly) every
+    ``seq``-token sequence: the backends pad a partial sequence to ``seq`` tokens and the HF path does
+    not, so partial packs would give them different work per step. Returns the file and its packing
+    statistics (sequences, fill)."""
+    from qnext.data.dataset import build_datasets
+    from qnext.data.tokenizer import load_tokenizer
+
+    src = REPO / "data/sample/chats.jsonl"
+    lines = [ln for ln in src.read_text().splitlines() if ln.strip()]
+    path = work / f"chats_x{repeat}.jsonl"
+    atomic_write_text(path, "\n".join(lines * repeat) + "\n")
+    train, _, stats = build_datasets(path, load_tokenizer(None), seq, pack=True, valid_fraction=0.01)
+    lengths = sorted(len(s["input_ids"]) for s in train)
+    info = {"data": f"data/sample/chats.jsonl x{repeat}", "train_sequences": len(train),
+            "mean_fill": round(sum(lengths) / (len(lengths) * seq), 4), "shortest_sequence": lengths[0]}
+    print(f"[bench] data: {info}", flush=True)
+    return path, info
+
+
 def common_overrides(args, model: dict[str, Path], mode: str) -> list[str]:
     """The recipe keys every approach shares (data, batch, schedule)."""
-    return [f"model.hf_config={model['hf'] / 'config.json'}", f"train={mode}", "data=sample",
+    return [f"model.hf_config={model['hf'] / 'config.json'}", f"train={mode}", "data=sample", f"data.path={args.data}",
             f"data.seq_length={args.seq}", "data.pack=true", "data.eval_prompts=null", "data.valid_fraction=0.01",
-            f"train.steps={args.steps}", "train.warmup_steps=1", f"train.lr={LR[mode]}", f"train.min_lr={LR[mode] / 10}",
+            f"train.steps={total_steps(args)}", "train.warmup_steps=1", f"train.lr={LR[mode]}", f"train.min_lr={LR[mode] / 10}",
             f"train.global_batch_size={args.gbs}", "train.micro_batch_size=1", "train.save_every=0",
             "train.eval_every=0", "train.eval_batches=1", "train.save_final=false", "logging.progress_bar=false", "overwrite=true",
             f"train.lora.r={LORA['r']}", f"train.lora.alpha={LORA['alpha']}"]
@@ -100,9 +120,13 @@ def _tail(text: str, n: int = 1500) -> str:
     return text[-n:].strip()
 
 
+def total_steps(args) -> int:
+    return args.steps + (1 if getattr(args, "profile", False) else 0)
+
+
 def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Optional[float]) -> dict:
-    """Means over the steps after ``warmup`` of one run's per-step records."""
-    steps = [r for r in recs if "step_time_s" in r and r.get("step", 0) > warmup]
+    """Means over the steps after ``warmup`` of one run's per-step records (a profiled step left out)."""
+    steps = [r for r in recs if "step_time_s" in r and r.get("step", 0) > warmup and not r.get("profiled")]
     if not steps:
         raise ValueError("no timed steps after the warm-up")
     mean = lambda k: statistics.fmean(r[k] for r in steps)  # noqa: E731
@@ -141,10 +165,14 @@ def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict]
     return _metrics(out), info
 
 
-def run_backend(kind: str, overrides: list[str], out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
+def profile_env(args) -> dict[str, str]:
+    return {"QNEXT_PROFILE_STEP": str(total_steps(args))} if getattr(args, "profile", False) else {}
+
+
+def run_backend(args, kind: str, overrides: list[str], out: Path, ngpu: int, timeout: int) -> tuple[list[dict], dict]:
     script = "scripts/run-8gpu.sh" if kind == "megatron" else "scripts/run-fsdp.sh"
     env = dict(os.environ, NPROC=str(ngpu), QNEXT_SKIP_DOCTOR="1", PY=sys.executable, PYTHONUNBUFFERED="1",
-               NCCL_NVLS_ENABLE="0", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S))
+               NCCL_NVLS_ENABLE="0", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S), **profile_env(args))
     cmd = ["bash", str(REPO / script), *overrides, f"output_dir={out}"]
     print(f"[bench] $ NPROC={ngpu} {' '.join(cmd[1:])}", flush=True)
     return _run(cmd, env, out, timeout)
@@ -152,11 +180,13 @@ def run_backend(kind: str, overrides: list[str], out: Path, ngpu: int, timeout: 
 
 def run_hf_worker(args, model, mode: str, out: Path, timeout: int) -> tuple[list[dict], dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", mode, "--hf-dir", str(model["hf"]),
-           "--seq", str(args.seq), "--gbs", str(args.gbs), "--steps", str(args.steps), "--run-out", str(out)]
+           "--seq", str(args.seq), "--gbs", str(args.gbs), "--steps", str(total_steps(args)), "--run-out", str(out),
+           "--data", str(args.data)]
     print(f"[bench] $ {' '.join(cmd[1:])}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    return _run(cmd, dict(os.environ, PYTHONUNBUFFERED="1", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S)), out, timeout)
+    return _run(cmd, dict(os.environ, PYTHONUNBUFFERED="1", QNEXT_STACK_DUMP_S=str(STACK_DUMP_S), **profile_env(args)),
+                out, timeout)
 
 
 def planned_gib(overrides: list[str], ngpu: int) -> dict[str, float]:
@@ -170,7 +200,7 @@ def planned_gib(overrides: list[str], ngpu: int) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------- HF pipeline
-def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path) -> int:
+def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path, data: Optional[Path] = None) -> int:
     """What users write when they fall back to transformers: ``device_map="auto"`` over the visible GPUs,
     PEFT LoRA (or every weight), gradient checkpointing, torch AdamW, a plain loop; the same packed
     sequences as the backends (as one causal sequence each: transformers' SDPA has no packed mask)."""
@@ -180,7 +210,7 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
     from qnext.config import load_config
     from qnext.data.dataset import IGNORE_INDEX, build_datasets
     from qnext.data.tokenizer import load_tokenizer
-    from qnext.metrics import peak_memory_gib, peak_reserved_gib
+    from qnext.metrics import StepProfile, peak_memory_gib, peak_reserved_gib
     from qnext.errors import start_stack_dumps
     from qnext.throughput import step_flops
 
@@ -190,7 +220,7 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
 
         force_torch_gdn_path()
     cfg = load_config(["data=sample", f"data.seq_length={seq}", "data.pack=true", "data.valid_fraction=0.01"])
-    train, _, _ = build_datasets(cfg.data.path, load_tokenizer(None), seq, pack=True, valid_fraction=0.01)
+    train, _, _ = build_datasets(data or cfg.data.path, load_tokenizer(None), seq, pack=True, valid_fraction=0.01)
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.bfloat16, device_map="auto")
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -214,20 +244,21 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
             idx = [(step * gbs + i) % len(train) for i in range(gbs)]
             sync()
             t0 = time.perf_counter()
-            total, n_tok, lengths = 0.0, 0, []
-            for i in idx:
-                s = train[i]
-                ids = torch.tensor([s["input_ids"]], device=first)
-                labels = torch.tensor([s["labels"]], device=first)
-                loss = model(input_ids=ids, labels=labels).loss / gbs
-                loss.backward()
-                total += float(loss.detach())
-                n_tok += len(s["input_ids"])
-                lengths.append(len(s["input_ids"]))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sync()
+            with StepProfile(step + 1, out, 0) as prof:
+                total, n_tok, lengths = 0.0, 0, []
+                for i in idx:
+                    s = train[i]
+                    ids = torch.tensor([s["input_ids"]], device=first)
+                    labels = torch.tensor([s["labels"]], device=first)
+                    loss = model(input_ids=ids, labels=labels).loss / gbs
+                    loss.backward()
+                    total += float(loss.detach())
+                    n_tok += len(s["input_ids"])
+                    lengths.append(len(s["input_ids"]))
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync()
             dt = time.perf_counter() - t0
             flops = step_flops(hf_cfg, lengths, lora=mode == "lora")
             rec = {"step": step + 1, "loss": total, "step_time_s": dt, "tokens_per_s": n_tok / dt,
@@ -235,6 +266,8 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
                    "peak_mem_gib": max(peak_memory_gib(d) for d in devices),
                    "peak_reserved_gib": max((peak_reserved_gib(d) or 0.0) for d in devices),
                    "loss_tokens": sum(1 for i in idx for x in train[i]["labels"] if x != IGNORE_INDEX)}
+            if prof.active:
+                rec["profiled"] = 1
             f.write(json.dumps(rec) + "\n")
             f.flush()
             print(f"[hf] step {step + 1}: loss {total:.4f} {dt:.2f}s {rec['peak_mem_gib']:.1f} GiB", flush=True)
@@ -357,6 +390,12 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--gbs", type=int, default=4, help="sequences per optimizer step")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=16,
+                    help="repeat the sample chats this many times so that the packed sequences are full")
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra step per run under torch.profiler (QNEXT_PROFILE_STEP), left out of the means; "
+                         "its table is copied next to the results")
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of the means")
     ap.add_argument("--only", default="", help="comma-separated approach:mode pairs, e.g. megatron:lora,hf:lora")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
@@ -369,12 +408,13 @@ def main() -> int:
     ap.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_worker:
-        return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out)
+        return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out, args.data)
     if args.render:
         render(json.loads(args.render.read_text()), args.render.parent)
         return 0
     if args.prepare_only:
         make_model(args.work, args.layers)
+        make_data(args.work, args.repeat, args.seq)
         return 0
     if args.out is None:
         ap.error("--out is required")
@@ -408,6 +448,8 @@ def main() -> int:
            "command": "python benchmarks/train_throughput.py " + " ".join(sys.argv[1:])}
     print(f"[bench] {ngpu}x {name}: bf16 matmul peak {peak['tflops']:.0f} TFLOP/s", flush=True)
     model = make_model(args.work, args.layers)
+    args.data, data_info = make_data(args.work, args.repeat, args.seq)
+    env.update(data_info)
     json_path = args.out / "train_throughput.json"
     data = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": []}
     data["environment"] = env
@@ -425,8 +467,12 @@ def main() -> int:
                 row.update(planned_gib(ovs, ngpu))
             else:
                 row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
-            recs, info = run_backend(approach, ovs, out, ngpu, args.timeout)
+            recs, info = run_backend(args, approach, ovs, out, ngpu, args.timeout)
         row.update(info)
+        prof = out / f"profile_step{total_steps(args)}_rank0.txt"
+        if args.profile and prof.is_file():
+            row["profile"] = f"profile_{approach}_{mode}.txt"
+            atomic_write_text(args.out / row["profile"], prof.read_text())
         try:
             row.update(summarize_steps(recs, args.warmup, ngpu, peak["tflops"]))  # tokens/s are the job's
         except ValueError as err:

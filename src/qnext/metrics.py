@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -57,6 +57,62 @@ def peak_reserved_gib(device: torch.device | str | None = None) -> float | None:
     if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_reserved(dev) / 2**30
     return None
+
+
+PROFILE_ENV = "QNEXT_PROFILE_STEP"
+
+
+def profile_step_wanted(step: int) -> bool:
+    """``QNEXT_PROFILE_STEP=N`` asks for a profile of step N (1-based); checked before each step."""
+    raw = os.environ.get(PROFILE_ENV, "").strip()
+    if not raw:
+        return False
+    try:
+        return int(raw) == step
+    except ValueError:
+        from .errors import UserError
+
+        raise UserError(f"{PROFILE_ENV}={raw!r} is not a step number", hint=f"e.g. {PROFILE_ENV}=4 (a step after the warm-up)") from None
+
+
+class StepProfile:
+    """``with StepProfile(step, out_dir, rank):`` around one training step: when ``QNEXT_PROFILE_STEP``
+    names this step, the step runs under ``torch.profiler`` (CPU + CUDA activity, memory) and
+    ``<out_dir>/profile_step<N>_rank<R>.txt`` gets the operators by total device time and by memory they
+    allocated; otherwise it does nothing. The profiled step is slower: leave it out of timings."""
+
+    def __init__(self, step: int, out_dir: str | os.PathLike, rank: int = 0):
+        self.step, self.out_dir, self.rank = step, Path(out_dir), rank
+        self.active = profile_step_wanted(step)
+        self.path: Path | None = None
+        self._prof = None
+
+    def __enter__(self) -> "StepProfile":
+        if self.active:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self._prof = profile(activities=acts, profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._prof.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        avg = self._prof.key_averages()
+        text = (f"# profile of step {self.step}, rank {self.rank} ({PROFILE_ENV}={self.step})\n\n"
+                f"## by total {dev} time\n{avg.table(sort_by=f'{dev}_time_total', row_limit=40)}\n\n"
+                f"## by {dev} memory allocated in the operator itself\n"
+                f"{avg.table(sort_by=f'self_{dev}_memory_usage', row_limit=25)}\n")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / f"profile_step{self.step}_rank{self.rank}.txt"
+        atomic_write_text(self.path, text)
 
 
 def format_record(rec: dict[str, Any], total_steps: int | None = None) -> str:

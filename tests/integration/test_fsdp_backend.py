@@ -240,3 +240,20 @@ def test_expert_lora_is_refused_before_training(tiny, key):
     assert f"train.lora.{key}=true is not supported by the FSDP backend" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_profile_of_one_step(tiny, monkeypatch):
+    """QNEXT_PROFILE_STEP=2: step 2 runs under torch.profiler, its table lands in the run directory and
+    its record is marked, so that timings can leave it out."""
+    out = tiny["root"] / "profiled"
+    monkeypatch.setenv("QNEXT_PROFILE_STEP", "2")
+    res = run_train(_args(tiny, out, "train.steps=3"))
+    assert "profile of step 2 written to" in res.stdout, res.stdout[-2000:]
+    table = (out / "profile_step2_rank0.txt").read_text()
+    assert "## by total cpu time" in table and "aten::mm" in table
+    recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert [s for s, r in sorted(recs.items()) if r.get("profiled")] == [2]
+    monkeypatch.setenv("QNEXT_PROFILE_STEP", "two")
+    bad = run_train(_args(tiny, tiny["root"] / "profiled_bad", "train.steps=3"), check=False)
+    assert bad.returncode == 2 and "QNEXT_PROFILE_STEP='two' is not a step number" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tiny["root"] / "profiled_bad").exists()  # refused before any write

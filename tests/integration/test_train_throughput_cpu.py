@@ -21,22 +21,29 @@ def _bench():
     return mod
 
 
-def test_hf_worker_trains_and_its_records_summarize(tmp_path):
+def test_hf_worker_trains_profiles_one_extra_step_and_its_records_summarize(tmp_path):
     from qnext.models.tiny import write_tiny_checkpoint
 
     tt = _bench()
     hf = tmp_path / "hf"
     write_tiny_checkpoint(hf, seed=0)
-    args = SimpleNamespace(seq=64, gbs=1, steps=3)  # small: a CPU backward of this model takes ~10 s
-    recs, info = tt.run_hf_worker(args, {"hf": hf}, "lora", tmp_path / "runs/hf_lora", timeout=600)
+    data, info = tt.make_data(tmp_path, repeat=2, seq=64)
+    sample = (REPO / "data/sample/chats.jsonl").read_text().splitlines()
+    assert data.read_text().splitlines() == [ln for ln in sample if ln.strip()] * 2
+    assert info["mean_fill"] > 0.9 and info["train_sequences"] > 10
+    # small: a CPU backward of this model takes ~10 s
+    args = SimpleNamespace(seq=64, gbs=1, steps=2, data=data, profile=True)
+    out = tmp_path / "runs/hf_lora"
+    recs, info = tt.run_hf_worker(args, {"hf": hf}, "lora", out, timeout=600)
     assert "error" not in info, info.get("log_tail")
     assert Path(info["log"]).read_text().count("[hf] step") == 3
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert [r["step"] for r in recs] == [1, 2, 3] and [r.get("profiled") for r in recs] == [None, None, 1]
     for r in recs:
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0 and r["tflops_per_device"] > 0
+    table = (out / "profile_step3_rank0.txt").read_text()
+    assert "by total cpu time" in table and "aten::" in table
     row = tt.summarize_steps(recs, warmup=1, ngpu=1, peak_measured=100.0)
-    assert row["steps_timed"] == 2
-    assert abs(row["step_time_s"] - (recs[1]["step_time_s"] + recs[2]["step_time_s"]) / 2) < 1e-12
+    assert row["steps_timed"] == 1 and row["step_time_s"] == recs[1]["step_time_s"]  # the profiled step is left out
     assert abs(row["mfu_measured_peak"] - row["tflops_per_gpu"] / 100.0) < 1e-12
 
 

@@ -273,6 +273,17 @@ class Trainer:
 
     # -- one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
+        from ..metrics import StepProfile
+
+        with StepProfile(step + 1, Path(self.cfg.output_dir).expanduser(), self.env.rank) as prof:
+            rec = self._train_step(step)
+        if prof.active:
+            rec["profiled"] = 1  # slower than the others: benchmarks leave it out
+            if prof.path is not None:
+                self.say(f"profile of step {step + 1} written to {prof.path}")
+        return rec
+
+    def _train_step(self, step: int) -> dict[str, float]:
         from .optim import lr_at
 
         env, t = self.env, self.cfg.train
@@ -532,6 +543,9 @@ def _as_dict(cfg: RecipeConfig) -> dict[str, Any]:
 
 def prepare(overrides: Sequence[str], world_size: int | None = None) -> tuple[RecipeConfig, dict[str, Any], RunPlan]:
     """Everything that can fail on user input, before any process group exists."""
+    from ..metrics import profile_step_wanted
+
+    profile_step_wanted(0)  # a malformed QNEXT_PROFILE_STEP fails here, not after the model loaded
     cfg = load_config(list(overrides))
     world = world_size or world_size_from_env()
     hf = validate_config(cfg, world_size=world)

@@ -107,6 +107,9 @@ def prepare(overrides: Sequence[str], world_size: Optional[int] = None, use_te: 
     from ..models.qwen3_next import Qwen3NextDims
     from .spec import te_importable
 
+    from ..metrics import profile_step_wanted
+
+    profile_step_wanted(0)  # a malformed QNEXT_PROFILE_STEP fails here, not after the model loaded
     cfg = load_config(list(overrides))
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.parallel.backend != "megatron":
@@ -513,17 +516,18 @@ class MegatronRun:
         from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
         from megatron.training.training import train_step
 
-        from ..metrics import peak_memory_gib, peak_reserved_gib
+        from ..metrics import StepProfile, peak_memory_gib, peak_reserved_gib
         from ..throughput import mfu, step_flops
         from .data import forward_step
 
         batches = self.batches.step(step)
         torch.cuda.synchronize()
         t_start = time.perf_counter()
-        loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
-            forward_step, self.batches.iterator(batches), self.model, self.optimizer, self.scheduler,
-            self.model_config, self.forward_backward, iteration=step)
-        torch.cuda.synchronize()
+        with StepProfile(step + 1, self.out, self.rank) as prof:
+            loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
+                forward_step, self.batches.iterator(batches), self.model, self.optimizer, self.scheduler,
+                self.model_config, self.forward_backward, iteration=step)
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t_start
         self.args.consumed_train_samples += self.cfg.train.global_batch_size
         lengths, tokens, labelled = self._global_stats(step)
@@ -544,6 +548,10 @@ class MegatronRun:
         }
         if skipped:
             rec["skipped"] = 1
+        if prof.active:
+            rec["profiled"] = 1  # slower than the others: benchmarks leave it out
+            if prof.path is not None:
+                self.say(f"profile of step {step + 1} written to {prof.path}")
         if should_exit:
             raise RuntimeError(f"megatron asked to stop at step {step + 1} (rerun state machine)")
         if self.is_logger and rec["loss"] is not None and not math.isfinite(rec["loss"]):
