@@ -134,8 +134,11 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
     return {"steps_timed": len(steps), "step_time_s": mean("step_time_s"),
             "tokens_per_s_per_gpu": mean("tokens_per_s") / ngpu, "tflops_per_gpu": tflops,
             "mfu_measured_peak": tflops / peak_measured if peak_measured else None,
-            "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in recs),
-            "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0.0) for r in recs), "losses": [r.get("loss") for r in steps]}
+            # steady state: the timed steps' own peaks (each step starts a new window); the first steps'
+            # (model build, Triton autotuning) are kept apart
+            "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in steps),
+            "peak_mem_first_steps_gib": max((r.get("peak_mem_gib", 0.0) for r in recs if r not in steps), default=None),
+            "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0.0) for r in steps), "losses": [r.get("loss") for r in steps]}
 
 
 def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict], dict]:
@@ -210,7 +213,7 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
     from qnext.config import load_config
     from qnext.data.dataset import IGNORE_INDEX, build_datasets
     from qnext.data.tokenizer import load_tokenizer
-    from qnext.metrics import StepProfile, peak_memory_gib, peak_reserved_gib
+    from qnext.metrics import StepProfile, peak_memory_gib, peak_reserved_gib, reset_step_peak
     from qnext.errors import start_stack_dumps
     from qnext.throughput import step_flops
 
@@ -243,6 +246,8 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
         for step in range(steps):
             idx = [(step * gbs + i) % len(train) for i in range(gbs)]
             sync()
+            for d in devices:
+                reset_step_peak(d)
             t0 = time.perf_counter()
             with StepProfile(step + 1, out, 0) as prof:
                 total, n_tok, lengths = 0.0, 0, []
@@ -309,7 +314,7 @@ def render(data: dict, out_dir: Path) -> None:
              f"{env.get('datasheet_peak_tflops') or 'n/a'} TFLOP/s.", "",
              f"Per step: {env['gbs']} packed sequences of {env['seq']} tokens (micro-batch 1); means over steps "
              f"{env['warmup'] + 1}-{env['steps']}. TFLOP/s are model FLOPs (`qnext.throughput`; LoRA 2 passes, full 3; "
-             "recompute not counted). Peak memory: max allocated per GPU. Planner: `qnext.plan` for the same recipe, "
+             "recompute not counted). Peak memory: max allocated per GPU in the timed steps (each step's own peak). Planner: `qnext.plan` for the same recipe, "
              "its tensors (peak less the 3 GiB context/NCCL/slack allowance) against the measured max allocated.", "",
              "| approach | mode | layout | step s | tokens/s/GPU | TFLOP/s/GPU | MFU (measured peak) | MFU (datasheet) "
              "| peak GiB/GPU allocated (reserved) | planned GiB (err) | vs HF pipeline |",

@@ -50,6 +50,14 @@ def peak_memory_gib(device: torch.device | str | None = None) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def reset_step_peak(device: torch.device | str | None = None) -> None:
+    """Start a new peak-memory window (CUDA): each step's ``peak_mem_gib`` is then that step's own peak,
+    so steady-state steps are not masked by the first one (Triton autotuning, model build)."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
 def peak_reserved_gib(device: torch.device | str | None = None) -> float | None:
     """CUDA: the caching allocator's max reserved bytes (what the GPU holds for tensors, fragmentation
     included); ``None`` off CUDA."""

@@ -286,7 +286,10 @@ class Trainer:
     def _train_step(self, step: int) -> dict[str, float]:
         from .optim import lr_at
 
+        from ..metrics import reset_step_peak
+
         env, t = self.env, self.cfg.train
+        reset_step_peak(env.device)
         t_start = time.perf_counter()
         micro = [self._batch(ix, self.train_set) for ix in self.sampler.micro_batches(step)]
         local_tokens = sum(float((b["labels"][:, 1:] != -100).sum()) for b in micro)

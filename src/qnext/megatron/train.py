@@ -516,12 +516,14 @@ class MegatronRun:
         from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
         from megatron.training.training import train_step
 
-        from ..metrics import StepProfile, peak_memory_gib, peak_reserved_gib
+        from ..metrics import StepProfile, peak_memory_gib, peak_reserved_gib, reset_step_peak
         from ..throughput import mfu, step_flops
         from .data import forward_step
 
         batches = self.batches.step(step)
         torch.cuda.synchronize()
+        self.run_peak_gib = max(getattr(self, "run_peak_gib", 0.0), peak_memory_gib(self.device))
+        reset_step_peak(self.device)
         t_start = time.perf_counter()
         with StepProfile(step + 1, self.out, self.rank) as prof:
             loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
@@ -660,7 +662,7 @@ class MegatronRun:
                 summary["loss_curve"] = str(png)
             summary["wall_s"] = round(time.time() - self.t0, 1)
             summary["planned_peak_gib"] = self.planned_peak_gib
-            summary["peak_mem_gib"] = peak_memory_gib(self.device)
+            summary["peak_mem_gib"] = max(getattr(self, "run_peak_gib", 0.0), peak_memory_gib(self.device))
             if self.is_logger:
                 summary["data"] = self.data_stats.to_dict()
                 (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
