@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="recipe=NAME and key=value overrides, as for the launchers")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: the recipe's nodes x GPUs per node)")
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB of memory per GPU (default 80)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     from qnext.config import load_config, validate_config
     from qnext.plan import GIB, plan, propose_layouts

@@ -171,28 +171,44 @@ class Plan:
     step_flops: float
     layout: str
     notes: list[str] = field(default_factory=list)
+    step_temp: int = 0  # optimizer-step temporaries (torch's foreach Adam); alive when activations are not
 
     @property
     def peak(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.lora + self.activations + self.buffers
+        return (self.weights + self.grads + self.optimizer + self.lora + self.buffers
+                + max(self.activations, self.step_temp))
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.grads), ("optimizer states", self.optimizer),
                 ("LoRA (weights, grads, states)", self.lora), ("activations", self.activations),
+                ("optimizer step temporaries", self.step_temp),
                 ("buffers (context, NCCL, slack)", self.buffers), ("peak per GPU", self.peak)]
         lines = [f"layout: {self.layout}",
                  f"parameters: {self.params_total / 1e9:.2f} B in the model, {self.params_per_gpu / 1e9:.2f} B on the most loaded GPU",
                  f"step: {self.step_flops / 1e15:.2f} PFLOP"]
         lines += [f"  {name:32s} {nbytes / GIB:8.2f} GiB" for name, nbytes in rows]
-        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+        notes = list(self.notes)
+        if self.step_temp:
+            notes.append("the peak counts the larger of activations and optimizer step temporaries (one follows the other)")
+        return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
-def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
-    """The memory plan of ``cfg`` on ``world_size`` GPUs (default: the recipe's nodes x GPUs per node)."""
+def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[bool] = None) -> Plan:
+    """The memory plan of ``cfg`` on ``world_size`` GPUs (default: the recipe's nodes x GPUs per node).
+
+    ``fused_adam``: whether the optimizer step is a fused kernel (Transformer Engine's or Apex's FusedAdam,
+    which megatron-core picks when they import) or torch's foreach Adam, which allocates a square root of
+    every second moment it updates at once (4 B per optimizer-local weight; measured: the out-of-memory of
+    the full 4-layer proxy on one H200 was inside ``torch._foreach_sqrt``). Default: fused when
+    Transformer Engine imports here."""
     from .models.qwen3_next import Qwen3NextDims
     from .throughput import step_flops as model_step_flops
 
     hf = load_hf_config(cfg)
+    if fused_adam is None:
+        from .megatron.spec import te_importable
+
+        fused_adam = te_importable()
     p, t, d = cfg.parallel, cfg.train, cfg.data
     world = world_size or p.num_nodes * p.num_gpus_per_node
     tp, pp, ep, etp, cp = p.tp, p.pp, p.ep, p.etp, p.cp
@@ -228,10 +244,15 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
             grads = 4 * (dense + expert)
             opt = 0.0 if t.optimizer_cpu_offload else opt_full
             lora_b = 0.0
-        total = weights + grads + opt + lora_b + act
+        local_opt = dense / dp + expert / edp
+        if lora:
+            step_temp = 0.0 if fused_adam else 4 * n_lora / dp
+        else:
+            step_temp = 0.0 if fused_adam or t.optimizer_cpu_offload else 4 * local_opt
+        total = weights + grads + opt + lora_b + max(act, step_temp)
         if best is None or total > best[0]:
-            best = (total, weights, grads, opt, lora_b, act, dense + expert, host_full)
-    _, weights, grads, opt, lora_b, act, n_gpu, host_full = best
+            best = (total, weights, grads, opt, lora_b, act, dense + expert, host_full, step_temp)
+    _, weights, grads, opt, lora_b, act, n_gpu, host_full, step_temp = best
     # full sequences (packed data fills them); LoRA: no weight gradients of frozen weights, plus the
     # adapters' own 3 passes
     step_flops = model_step_flops(hf, [d.seq_length] * t.global_batch_size, lora)
@@ -242,7 +263,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None) -> Plan:
     if not lora and t.optimizer_cpu_offload:
         notes.append(f"optimizer states in host memory: {host_full / GIB:.1f} GiB per GPU's process (fp32 main weights, Adam moments, gradients)")
     return Plan(int(weights), int(grads), int(opt), int(lora_b), int(act), BUFFER_BYTES, pc.total, int(n_gpu),
-                step_flops, layout, notes)
+                step_flops, layout, notes, int(step_temp))
 
 
 def check_fits(cfg: RecipeConfig, pl: Plan, gpu_mem_bytes: float, gpus: int) -> Optional[str]:

@@ -83,6 +83,8 @@ def test_cli_fits_does_not_fit_and_refuses_fsdp():
     tight = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "40")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout
     assert "parallel.tp=" in tight.stdout  # proposals that fit 40 GiB
+    mixed = run_plan("recipe=qwen3_next_80b_full", "--gpus", "32", "train.optimizer_cpu_offload=true")
+    assert mixed.returncode in (0, 1) and "host memory" in mixed.stdout, mixed.stderr  # options and overrides intermixed
     fsdp = run_plan("recipe=tiny_lora_cpu")
     assert fsdp.returncode == 2 and "planner models the Megatron backend" in fsdp.stderr
     assert "Traceback" not in fsdp.stderr
@@ -125,3 +127,30 @@ def test_doctor_reports_the_recipe_plan():
     (mg, fs) = rep.lines
     assert mg.status == "info" and f"{expected:.1f} GiB per GPU planned" in mg.detail and "8 GPUs" in mg.detail
     assert fs.status == "skip" and "fsdp backend" in fs.detail
+
+
+def test_torch_adam_step_temporaries_count_when_they_exceed_the_activations(tmp_path):
+    """torch's foreach Adam allocates sqrt(exp_avg_sq) for every local weight at once (4 B each); the
+    full 4-layer proxy went out of memory there on one H200. Fused Adam (TE/Apex) has no such buffer."""
+    hf = json.loads((REPO / "models/tiny_qwen3_next/config.json").read_text())
+    pc = count_params(hf)
+    torch_adam = plan(load_config([*TINY, "train=full"]), world_size=1, fused_adam=False)
+    fused = plan(load_config([*TINY, "train=full"]), world_size=1, fused_adam=True)
+    assert torch_adam.step_temp == 4 * pc.total and fused.step_temp == 0
+    base = torch_adam.weights + torch_adam.grads + torch_adam.optimizer + torch_adam.lora + torch_adam.buffers
+    assert torch_adam.peak == base + max(torch_adam.activations, torch_adam.step_temp)
+    assert fused.peak == base + fused.activations
+    assert "optimizer step temporaries" in torch_adam.table()
+    offload = plan(load_config([*TINY, "train=full", "train.optimizer_cpu_offload=true"]), world_size=1, fused_adam=False)
+    assert offload.step_temp == 0  # the step runs on the host
+    # the measured case: the 4-layer real-width proxy (7.21 B weights), torch Adam, one 139.8 GiB H200 went
+    # out of memory; the plan must not say it fits
+    conf = json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text())
+    conf["num_hidden_layers"] = 4
+    path = tmp_path / "proxy4.json"
+    path.write_text(json.dumps(conf))
+    cfg = load_config([f"model.hf_config={path}", "parallel=1gpu", "parallel.recompute=selective",
+                       "data.seq_length=4096", "train=full"])
+    proxy = plan(cfg, world_size=1, fused_adam=False)
+    assert 7.2e9 < proxy.params_total < 7.22e9
+    assert proxy.peak > 139.8 * GIB

@@ -377,9 +377,11 @@ class MegatronRun:
 
         from ..plan import GIB, check_fits, plan
 
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
         total = torch.cuda.get_device_properties(self.device).total_memory
         try:
-            pl = plan(self.cfg, world_size=self.world)
+            pl = plan(self.cfg, world_size=self.world, fused_adam=HAVE_APEX_OR_TE)
         except UserError:
             raise
         except Exception as err:  # the plan is advice: a model it cannot count must still train
