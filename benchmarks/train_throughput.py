@@ -474,6 +474,10 @@ def main() -> int:
                 row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
             recs, info = run_backend(args, approach, ovs, out, ngpu, args.timeout)
         row.update(info)
+        if Path(info.get("log", "")).is_file():  # the results directory keeps every run's log
+            (args.out / "logs").mkdir(exist_ok=True)
+            row["log"] = f"logs/{approach}_{mode}.log"
+            atomic_write_text(args.out / row["log"], Path(info["log"]).read_text(errors="replace"))
         prof = out / f"profile_step{total_steps(args)}_rank0.txt"
         if args.profile and prof.is_file():
             row["profile"] = f"profile_{approach}_{mode}.txt"

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one-GPU evidence for the Megatron backend, in the order that matters most, each step logged:
+#   1. make patch (the fla Hopper fix and the parity check that enables it; ~5 min on a cold machine)
+#   2. GPU tests of the training entry: exact resume, packed sequences, LoRA vs HF+PEFT (~4 min)
+#   3. the throughput benchmark (Megatron / FSDP / HF pipeline, LoRA and full, one profiled step each;
+#      ~12 min, most of it Triton autotuning in the first run)
+# Usage (repo root, packages installed): bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
+#   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
+#   STEPS=2,3 runs a subset.
+set -uo pipefail
+kind=${1:?usage: gpu_megatron_checks.sh KIND [OUTDIR]}
+out=${2:-benchmarks/results/gpu_checks_$kind}
+py=${PY:-python3}
+steps=${STEPS:-1,2,3}
+mkdir -p "$out"
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" QNEXT_STACK_DUMP_S=${QNEXT_STACK_DUMP_S:-120}
+want() { [[ ",$steps," == *",$1,"* ]]; }
+step() { echo "=== $(date -u +%FT%TZ) $*"; }
+timed() { local t0=$SECONDS; "$@"; local rc=$?; echo "--- exit $rc after $((SECONDS - t0)) s: $*"; return $rc; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+if want 1; then
+  step "patch"; timed "$py" -m qnext.patches apply 2>&1 | tee "$out/patch.log" | tail -4
+fi
+if want 2; then
+  step "training entry GPU tests"
+  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_train_gpu.py -s -p no:cacheprovider 2>&1 \
+    | tee "$out/train_gpu.log" | grep -E "^step|resume:|held-out|rel L2|passed|failed|Error" | tail -40
+fi
+if want 3; then
+  step "throughput (writes $out/throughput)"
+  timed "$py" benchmarks/train_throughput.py --out "$out/throughput" --steps 6 --warmup 2 --gbs 2 --timeout 480 \
+    --profile --full-offload 2>&1 | tee "$out/throughput.log" | grep "^\[bench\]"
+fi
+step "done"
