@@ -467,8 +467,9 @@ class MegatronRun:
                 iteration = int(result[0])
                 seen = adam_state_report(optimizer)
                 changed = restore_adam_steps(optimizer, iteration) if not self.args.fp16 else 0
+                m = seen["exp_avg_abs_mean"]
                 self.say(f"resume: Adam state loaded at iteration {iteration}: step values {seen['steps']}, "
-                         f"mean |exp_avg| {seen['exp_avg_abs_mean']:.3e}"
+                         f"mean |exp_avg| {'n/a' if m is None else f'{m:.3e}'}"
                          + (f"; step set to {iteration} in {changed} parameter states" if changed else ""))
             return result
 
