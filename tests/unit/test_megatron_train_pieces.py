@@ -266,6 +266,14 @@ def test_primed_adam_state_is_what_the_first_step_creates_and_has_one_step():
     assert opt_primed.state_dict()["state"][0]["step"].item() == 3
 
 
+def run(params, opt, steps):
+    """Adam steps with the given gradients (one list of per-parameter gradients per step)."""
+    for g in steps:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+
+
 def test_adam_resumed_with_one_shared_step_tensor_is_repaired():
     """What megatron-core's DistributedOptimizer.load_state_dict (no Apex/TE) leaves behind: one step
     tensor in every parameter's torch Adam state. torch increments it once per parameter per step, so
@@ -276,12 +284,6 @@ def test_adam_resumed_with_one_shared_step_tensor_is_repaired():
     torch.manual_seed(0)
     init = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
     grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
-
-    def run(params, opt, steps):
-        for g in steps:
-            for p, gi in zip(params, g):
-                p.grad = gi.clone()
-            opt.step()
 
     ref = [torch.nn.Parameter(p.clone()) for p in init]
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
@@ -320,12 +322,6 @@ def test_adam_resumed_with_a_wrong_step_count_is_repaired_from_the_iteration():
     torch.manual_seed(1)
     init = [torch.randn(4, 3), torch.randn(5)]
     grads = [[torch.randn_like(p) for p in init] for _ in range(6)]
-
-    def run(params, opt, steps):
-        for g in steps:
-            for p, gi in zip(params, g):
-                p.grad = gi.clone()
-            opt.step()
 
     ref = [torch.nn.Parameter(p.clone()) for p in init]
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.9, 0.95))
