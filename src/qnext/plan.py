@@ -200,7 +200,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     which megatron-core picks when they import) or torch's foreach Adam, which allocates a square root of
     every second moment it updates at once (4 B per optimizer-local weight; measured: the out-of-memory of
     the full 4-layer proxy on one H200 was inside ``torch._foreach_sqrt``). Default: fused when
-    Transformer Engine imports here."""
+    ``train.optimizer_fused`` (torch's fused AdamW, the Megatron entry's default) or Transformer Engine
+    imports here."""
     from .models.qwen3_next import Qwen3NextDims
     from .throughput import step_flops as model_step_flops
 
@@ -208,7 +209,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     if fused_adam is None:
         from .megatron.spec import te_importable
 
-        fused_adam = te_importable()
+        fused_adam = cfg.train.optimizer_fused or te_importable()
     p, t, d = cfg.parallel, cfg.train, cfg.data
     world = world_size or p.num_nodes * p.num_gpus_per_node
     tp, pp, ep, etp, cp = p.tp, p.pp, p.ep, p.etp, p.cp

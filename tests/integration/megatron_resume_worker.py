@@ -8,7 +8,9 @@ unchanged. Only the file round trip is replaced by an in-memory one: the sharded
 and objects are copied, as ``dist_checkpointing.load`` would return them. Its async writer needs
 multiprocessing, which this kind of machine may not offer.
 
-usage: python megatron_resume_worker.py {fixed,no-prime,no-unshare,step-zero}
+usage: python megatron_resume_worker.py {fixed,no-prime,no-unshare,step-zero,fused,fused-vs-foreach}
+(``fused``: both runs on torch's fused AdamW as the Megatron entry sets it up, ``use_fused_adam`` before
+and after the load; ``fused-vs-foreach``: the uninterrupted run on foreach Adam, the resumed one fused.)
 """
 from __future__ import annotations
 
@@ -41,6 +43,10 @@ def _cpu_only() -> None:
     torch.Tensor.type = cuda_type
 
 
+def _torch_opts(opt):
+    return [opt.optimizer] if hasattr(opt, "optimizer") else [c.optimizer for c in opt.chained_optimizers]
+
+
 def main(mode: str) -> dict:
     _cpu_only()
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
@@ -53,7 +59,8 @@ def main(mode: str) -> dict:
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     from qnext.megatron.parallel import construction_device, initialize_parallel
-    from qnext.megatron.train import adam_state_report, prime_adam_states, restore_adam_steps, unshare_adam_steps
+    from qnext.megatron.train import (adam_state_report, prime_adam_states, restore_adam_steps, unshare_adam_steps,
+                                      use_fused_adam)
 
     initialize_parallel()
     cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
@@ -71,7 +78,7 @@ def main(mode: str) -> dict:
             return {**self.a.sharded_state_dict(prefix + "a.", sharded_offsets, metadata),
                     **self.b.sharded_state_dict(prefix + "b.", sharded_offsets, metadata)}
 
-    def build(seed: int):
+    def build(seed: int, fused: bool = False):
         torch.manual_seed(seed)
         with construction_device("cpu"):
             model = Two()
@@ -79,6 +86,8 @@ def main(mode: str) -> dict:
                                                                              grad_reduce_in_fp32=True), model)
         opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, adam_beta1=0.9, adam_beta2=0.95,
                                                      use_distributed_optimizer=True), [ddp])
+        if fused:
+            assert use_fused_adam(opt) == len(opt.param_groups) > 0
         return model, ddp, opt
 
     gen = torch.Generator().manual_seed(5)
@@ -93,11 +102,12 @@ def main(mode: str) -> dict:
             with construction_device("cpu"):
                 opt.step()
 
-    model, ddp, opt = build(0)
+    fused = mode in ("fused", "fused-vs-foreach")
+    model, ddp, opt = build(0, fused=mode == "fused")
     train(model, ddp, opt, range(6))
     reference = [model.a.weight.detach().clone(), model.b.weight.detach().clone()]
 
-    model, ddp, opt = build(0)
+    model, ddp, opt = build(0, fused=fused)
     train(model, ddp, opt, range(3))
     saved = {"model": model.sharded_state_dict(), "optimizer": None}
     saved["optimizer"] = opt.sharded_state_dict(saved["model"], metadata=meta)
@@ -112,7 +122,7 @@ def main(mode: str) -> dict:
 
     loaded = dict_list_map_inplace(copied, saved)
 
-    model2, ddp2, opt2 = build(1)  # other initial weights: everything must come from the "checkpoint"
+    model2, ddp2, opt2 = build(1, fused=fused)  # other initial weights: everything must come from the "checkpoint"
     out: dict = {"mode": mode}
     try:
         if mode != "no-prime":
@@ -128,11 +138,15 @@ def main(mode: str) -> dict:
     if mode != "no-unshare":
         unshare_adam_steps(opt2)
     if mode == "step-zero":  # a load that restored the wrong step count
-        for o in [opt2.optimizer] if hasattr(opt2, "optimizer") else [c.optimizer for c in opt2.chained_optimizers]:
+        for o in _torch_opts(opt2):
             for s in o.state.values():
                 s["step"] = torch.tensor(0.0)
     out["after_load"] = adam_state_report(opt2)
-    out["restored"] = restore_adam_steps(opt2, 3) if mode in ("fixed", "step-zero") else 0
+    out["restored"] = restore_adam_steps(opt2, 3) if mode in ("fixed", "step-zero", "fused", "fused-vs-foreach") else 0
+    if fused:
+        out["fused_flag_from_load"] = [g.get("fused") for o in _torch_opts(opt2) for g in o.param_groups]
+        out["fused_groups"] = use_fused_adam(opt2)
+        out["fused_after_load"] = [bool(g.get("fused")) for o in _torch_opts(opt2) for g in o.param_groups]
     train(model2, ddp2, opt2, range(3, 6))
     out["max_abs_diff"] = max(float((a - b.detach()).abs().max()) for a, b in zip(reference, (model2.a.weight, model2.b.weight)))
     return out

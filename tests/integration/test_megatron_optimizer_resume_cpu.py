@@ -5,7 +5,9 @@ in memory). What qnext's Megatron entry does around ``load_checkpoint`` is what 
 - without ``prime_adam_states`` the load fails inside megatron (``assert len(steps) == 1``);
 - without ``unshare_adam_steps`` the three steps after the resume differ from the uninterrupted run;
 - with both (and ``restore_adam_steps``), the weights after 3 + 3 steps equal the uninterrupted 6 steps
-  bit for bit, also when the load left a wrong step count behind.
+  bit for bit, also when the load left a wrong step count behind;
+- on torch's fused AdamW (``use_fused_adam``, the entry's default without TE/Apex) likewise, and fused
+  agrees with foreach Adam to float32 rounding.
 """
 from __future__ import annotations
 
@@ -46,3 +48,11 @@ def test_a_wrong_restored_step_is_set_from_the_iteration():
     out = run("step-zero")
     assert out["after_load"]["steps"] == [0.0] and out["restored"] == 2
     assert out["max_abs_diff"] == 0.0, out
+
+
+def test_fused_adam_resume_is_exact_and_matches_foreach():
+    out = run("fused")
+    assert out["fused_groups"] == 1 and out["fused_after_load"] == [True]
+    assert out["max_abs_diff"] == 0.0, out
+    mixed = run("fused-vs-foreach")  # uninterrupted on foreach Adam, resumed on fused
+    assert 0.0 <= mixed["max_abs_diff"] < 1e-5, mixed

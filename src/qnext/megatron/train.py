@@ -270,6 +270,36 @@ def unshare_adam_steps(optimizer) -> int:
     return n
 
 
+def use_fused_adam(optimizer) -> int:
+    """Switch torch's Adam/AdamW inside ``optimizer`` to its fused implementation (``fused=True``):
+    one kernel per step and no temporaries, where the default foreach path allocates the square root of
+    every second moment at once (4 B per weight; the full 4-layer proxy ran out of memory there on an
+    H200). Step counters move to the parameters' device as fused Adam wants them. Returns the number of
+    fused param groups (0 when megatron uses TE/Apex FusedAdam, or for a host-offloaded optimizer).
+
+    torch reads ``fused`` from the param group at every step, and a checkpoint's param groups carry
+    the flag they were saved with, so this runs again after a load."""
+    import torch
+
+    n = 0
+    for opt in torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in opt.param_groups:
+            params = group["params"]
+            if not params or group.get("differentiable") or not all(p.is_floating_point() for p in params):
+                continue
+            if not group.get("fused"):
+                group["fused"], group["foreach"], group["capturable"] = True, False, False
+            n += 1
+            for p in params:
+                state = opt.state.get(p)
+                step = state.get("step") if state else None
+                if step is not None and (not torch.is_tensor(step) or step.device != p.device):
+                    state["step"] = torch.as_tensor(float(step), dtype=torch.float32, device=p.device).clone()
+    return n
+
+
 def adam_state_report(optimizer) -> dict[str, Any]:
     """What torch's Adam holds after a load: the distinct ``step`` values, and the mean |exp_avg| (zero
     would mean the moments were not restored)."""
@@ -381,7 +411,7 @@ class MegatronRun:
 
         total = torch.cuda.get_device_properties(self.device).total_memory
         try:
-            pl = plan(self.cfg, world_size=self.world, fused_adam=HAVE_APEX_OR_TE)
+            pl = plan(self.cfg, world_size=self.world, fused_adam=HAVE_APEX_OR_TE or self.cfg.train.optimizer_fused)
         except UserError:
             raise
         except Exception as err:  # the plan is advice: a model it cannot count must still train
@@ -458,7 +488,11 @@ class MegatronRun:
 
         load = mtraining.load_checkpoint
 
+        fused = self.cfg.train.optimizer_fused
+
         def load_with_adam_state(model, optimizer, *a, **k):
+            if fused and optimizer is not None:
+                use_fused_adam(optimizer)
             if ckpt.resuming and optimizer is not None:
                 prime_adam_states(optimizer)
             result = load(model, optimizer, *a, **k)
@@ -467,6 +501,8 @@ class MegatronRun:
                 iteration = int(result[0])
                 seen = adam_state_report(optimizer)
                 changed = restore_adam_steps(optimizer, iteration) if not self.args.fp16 else 0
+                if fused:
+                    use_fused_adam(optimizer)  # the checkpoint's param groups brought their own flag
                 m = seen["exp_avg_abs_mean"]
                 self.say(f"resume: Adam state loaded at iteration {iteration}: step values {seen['steps']}, "
                          f"mean |exp_avg| {'n/a' if m is None else f'{m:.3e}'}"
@@ -479,6 +515,10 @@ class MegatronRun:
                 ModelType.encoder_or_decoder, provider, checkpointing_context={})
         finally:
             mtraining.load_checkpoint = load
+        if fused:  # also when no checkpoint was loaded
+            n_fused = use_fused_adam(self.optimizer)
+            if n_fused:
+                self.say(f"optimizer: torch fused AdamW ({n_fused} param groups; train.optimizer_fused=false for foreach)")
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.timers = get_timers()
