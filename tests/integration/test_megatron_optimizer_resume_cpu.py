@@ -20,10 +20,14 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("megatron_resume_worker.py")
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+             "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def run(mode: str) -> dict:
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    # a world of one of its own: earlier tests in this process may have left torch.distributed's variables set
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(WORKER), mode], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
