@@ -417,6 +417,8 @@ def main() -> int:
     if args.render:
         render(json.loads(args.render.read_text()), args.render.parent)
         return 0
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.prepare_only:
         make_model(args.work, args.layers)
         make_data(args.work, args.repeat, args.seq)
