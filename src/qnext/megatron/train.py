@@ -497,10 +497,13 @@ class MegatronRun:
                 prime_adam_states(optimizer)
             result = load(model, optimizer, *a, **k)
             if ckpt.resuming and optimizer is not None and not self.args.no_load_optim:
-                unshare_adam_steps(optimizer)
                 iteration = int(result[0])
                 seen = adam_state_report(optimizer)
-                changed = restore_adam_steps(optimizer, iteration) if not self.args.fp16 else 0
+                if self.args.fp16:  # skipped updates possible: keep the loaded counts, one tensor each
+                    changed = 0
+                    unshare_adam_steps(optimizer)
+                else:  # bf16: one Adam step per iteration; a fresh step tensor per state
+                    changed = restore_adam_steps(optimizer, iteration)
                 if fused:
                     use_fused_adam(optimizer)  # the checkpoint's param groups brought their own flag
                 m = seen["exp_avg_abs_mean"]
@@ -509,7 +512,7 @@ class MegatronRun:
                          + (f"; step set to {iteration} in {changed} parameter states" if changed else ""))
             return result
 
-        mtraining.load_checkpoint = load_with_adam_state  # for this call only (prime_adam_states, unshare_adam_steps)
+        mtraining.load_checkpoint = load_with_adam_state  # for this call only (see load_with_adam_state)
         try:
             self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(
                 ModelType.encoder_or_decoder, provider, checkpointing_context={})
