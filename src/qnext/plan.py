@@ -290,11 +290,6 @@ def check_fits(cfg: RecipeConfig, pl: Plan, gpu_mem_bytes: float, gpus: int) -> 
                     f"see `make plan RECIPE=... GPUS={gpus} GPU_MEM={have:.0f}`)")
 
 
-def peak_bytes_per_gpu(cfg: RecipeConfig) -> int:
-    """The planned peak per GPU (``make doctor RECIPE=...`` compares it with free memory)."""
-    return plan(cfg).peak
-
-
 def propose_layouts(cfg: RecipeConfig, gpus: int, gpu_mem_bytes: float, limit: int = 5) -> list[tuple[dict, Plan]]:
     """Layouts (tp, pp, ep, etp=1, cp=1) valid for the model on ``gpus`` GPUs whose planned peak fits,
     fewest pipeline stages and smallest TP first (the least communication)."""

@@ -369,6 +369,8 @@ class MegatronRun:
         self.out = Path(self.cfg.output_dir).expanduser()
         self.t0 = time.time()
         self.metrics = None
+        self.planned_peak_gib: Optional[float] = None
+        self.run_peak_gib = 0.0  # the max allocated before the current step's window (build, earlier steps)
 
     # -- set-up
     def initialize(self) -> None:
@@ -415,7 +417,6 @@ class MegatronRun:
         except UserError:
             raise
         except Exception as err:  # the plan is advice: a model it cannot count must still train
-            self.planned_peak_gib = None
             self.say(f"warning: no memory plan for this model ({type(err).__name__}: {err})")
             return
         note = check_fits(self.cfg, pl, total, self.world)
@@ -568,7 +569,7 @@ class MegatronRun:
 
         batches = self.batches.step(step)
         torch.cuda.synchronize()
-        self.run_peak_gib = max(getattr(self, "run_peak_gib", 0.0), peak_memory_gib(self.device))
+        self.run_peak_gib = max(self.run_peak_gib, peak_memory_gib(self.device))
         reset_step_peak(self.device)
         t_start = time.perf_counter()
         with StepProfile(step + 1, self.out, self.rank) as prof:
@@ -708,7 +709,7 @@ class MegatronRun:
                 summary["loss_curve"] = str(png)
             summary["wall_s"] = round(time.time() - self.t0, 1)
             summary["planned_peak_gib"] = self.planned_peak_gib
-            summary["peak_mem_gib"] = max(getattr(self, "run_peak_gib", 0.0), peak_memory_gib(self.device))
+            summary["peak_mem_gib"] = max(self.run_peak_gib, peak_memory_gib(self.device))
             if self.is_logger:
                 summary["data"] = self.data_stats.to_dict()
                 (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
