@@ -26,7 +26,7 @@ fi
 if want 2; then
   step "training entry GPU tests"
   timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_train_gpu.py -s -p no:cacheprovider 2>&1 \
-    | tee "$out/train_gpu.log" | grep -E "^step|resume:|held-out|rel L2|passed|failed|Error" | tail -40
+    | tee "$out/train_gpu.log" | grep -E "^step|resume:|stopped after|held-out|rel L2|passed|failed|Error" | tail -40
 fi
 if want 3; then
   step "throughput (writes $out/throughput)"

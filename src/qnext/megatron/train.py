@@ -694,7 +694,11 @@ class MegatronRun:
                     self.save(step)
             summary.update(steps=step, final_loss=last.get("loss"))
             if step < total:
-                self.say(f"stopped after step {step} of {total} (train.stop_after); resume with resume=auto")
+                seen = adam_state_report(self.optimizer)  # what the resumed run's "resume:" line should show
+                m = seen["exp_avg_abs_mean"]
+                self.say(f"stopped after step {step} of {total} (train.stop_after); resume with resume=auto "
+                         f"(Adam state saved: step values {seen['steps']}, mean |exp_avg| "
+                         f"{'n/a' if m is None else f'{m:.3e}'})")
                 summary["stopped_early"] = True
                 return summary
             ev = self.eval_loss()
