@@ -51,7 +51,7 @@ def launch(out: Path, ckpt: Path, *extra: str, timeout: int = 600, mode: str = "
            "train.micro_batch_size=1", "train.save_every=2", "train.keep_checkpoints=2", "train.eval_batches=2",
            f"parallel.num_gpus_per_node={torch.cuda.device_count()}", *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+    print(proc.stdout, proc.stderr[-8000:], sep="\n")  # the whole run log: resume lines come early
     assert proc.returncode == 0, f"launcher exit {proc.returncode}"
     return proc
 
