@@ -1,0 +1,356 @@
+"""Layout invariance of one training step: the loss and every gradient of the same global batch at any
+TP / EP / ETP / PP / sequence-parallel layout, compared tensor by tensor with another layout's.
+
+Run under torchrun, one process per rank (CPU with gloo, or GPUs with NCCL)::
+
+    torchrun --nproc-per-node 2 -m qnext.megatron.layout_check --hf H --megatron-ckpt M --tp 2 --out D/tp2
+    python -m qnext.megatron.layout_check --compare D/tp1 D/tp2 ...
+
+What one run does, the way the Megatron training entry does it: build this rank's part of the model
+(``qnext.megatron.model.build_model``), load the converted ``torch_dist`` checkpoint, optionally attach
+LoRA, wrap it in megatron's ``DistributedDataParallel`` and run forward and backward over the global
+batch, one sample per micro-batch, this data-parallel rank's share of it (``qnext.megatron.data``'s
+``forward_step``/``loss_func``; pipeline stages exchange activations and their gradients point to
+point). ``finalize_model_grads`` then does megatron's gradient reductions (data-parallel, expert
+data-parallel, sequence-parallel norms, embeddings) and the per-token normalisation. The gradients are
+read back through the model's ``sharded_state_dict``, the same map a checkpoint save uses, so the chunks
+of every rank assemble into whole tensors under the checkpoint's keys (LoRA: the adapters' gradients
+as HF PEFT tensors). Rank 0 writes ``grads.pt`` and ``summary.json`` (loss, token count, gradient
+norm, per-tensor norms) into ``--out``.
+
+``--compare`` reports, for every layout against the first: relative difference of the loss and of
+the gradient norm, and the largest per-tensor relative L2 difference of the gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ..errors import UserError, cli_main
+
+
+def _global_batch(hf_config: dict, seq: int, samples: int, data: Path) -> tuple[list[dict], int]:
+    """The first ``samples`` training chats of ``data`` that fit ``seq`` tokens; token ids folded into
+    the model's vocabulary when it is smaller than the tokenizer's (tiny test models). Returns them and
+    the pad id."""
+    from ..data.dataset import build_datasets
+    from ..data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    train, _, _ = build_datasets(data, tok, seq, pack=False, valid_fraction=0.05)
+    vocab = int(hf_config["vocab_size"])
+    chosen = [s for s in train if len(s["input_ids"]) <= seq][:samples]
+    if len(chosen) < samples:
+        raise UserError(f"{data} has only {len(chosen)} training chats of at most {seq} tokens; {samples} needed",
+                        hint="lower --samples or raise --seq")
+    fold = [{**s, "input_ids": [t % vocab for t in s["input_ids"]],
+             "labels": [t % vocab if t >= 0 else t for t in s["labels"]]} for s in chosen]
+    return fold, int(tok.pad_token_id) % vocab
+
+
+def _stage_step(ddp, batch: dict, hidden_shape: tuple[int, ...], dtype: torch.dtype, device: str):
+    """Forward and backward of one micro-batch through this pipeline stage; returns the loss report
+    [sum, count] on the last stage, None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    from .data import forward_step
+
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    inner = ddp.module
+    received = None
+    if not first:
+        received = torch.empty(hidden_shape, dtype=dtype, device=device)
+        torch.distributed.recv(received, src=ps.get_pipeline_model_parallel_prev_rank())
+        received.requires_grad_(True)
+        inner.set_input_tensor(received)
+    output, loss_fn = forward_step(iter([batch]), ddp)
+    report = None
+    if last:
+        loss, _count, rep = loss_fn(output)
+        loss.backward()  # the sum: finalize_model_grads divides by the global batch's token count
+        report = rep["lm loss"].detach()
+    else:
+        torch.distributed.send(output.detach().contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+        grad = torch.empty_like(output)
+        torch.distributed.recv(grad, src=ps.get_pipeline_model_parallel_next_rank())
+        torch.autograd.backward(output, grad)
+    if received is not None:
+        torch.distributed.send(received.grad.contiguous(), dst=ps.get_pipeline_model_parallel_prev_rank())
+    return report
+
+
+@contextlib.contextmanager
+def _grads_as_data(params: Sequence[torch.nn.Parameter]):
+    """Inside: every parameter's ``data`` is its reduced gradient (``main_grad``), so that the model's
+    ``sharded_state_dict`` hands out gradient chunks under the checkpoint's keys."""
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.main_grad.to(p.dtype) if p.main_grad.dtype != p.dtype else p.main_grad
+        yield
+    finally:
+        for p, d in zip(params, saved):
+            p.data = d
+
+
+def _gradient_chunks(model, params: Sequence[torch.nn.Parameter]) -> list[tuple]:
+    """(key, global shape, global offset, chunk) for every main-replica chunk of a trained weight."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from .model import _sharded_metadata
+
+    with _grads_as_data(params):
+        storages = {p.data.untyped_storage().data_ptr() for p in params}
+        sd = model.sharded_state_dict(metadata=_sharded_metadata())
+        apply_factories(sd)
+        rows = []
+        for v in nested_values(sd):
+            if not isinstance(v, ShardedTensor) or not torch.is_tensor(v.data):
+                continue
+            if any(r != 0 for r in v.replica_id) or v.data.untyped_storage().data_ptr() not in storages:
+                continue
+            rows.append((v.key, tuple(v.global_shape), tuple(v.global_offset), v.data.detach().float().cpu().clone()))
+    return rows
+
+
+def _assemble(rows: list[tuple]) -> dict[str, torch.Tensor]:
+    """Whole tensors from the chunks of every rank; every element must be written exactly once."""
+    full: dict[str, torch.Tensor] = {}
+    cover: dict[str, torch.Tensor] = {}
+    for key, gshape, offset, chunk in rows:
+        if key not in full:
+            full[key] = torch.zeros(gshape, dtype=torch.float32)
+            cover[key] = torch.zeros(gshape, dtype=torch.int16)
+        shape = (1,) * (len(offset) - chunk.dim()) + tuple(chunk.shape)  # leading (expert) axes of size 1
+        index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
+        full[key][index] = chunk.reshape(shape)
+        cover[key][index] += 1
+    bad = [k for k, c in cover.items() if not bool((c == 1).all())]
+    if bad:
+        raise RuntimeError(f"gradient chunks do not tile {len(bad)} tensor(s) exactly once, e.g. {bad[:3]}")
+    return full
+
+
+class _NoStream:
+    """What megatron's gradient sync asks of ``torch.cuda.current_stream()`` on a CPU-only run (it waits
+    on events that only CUDA-graph replays set)."""
+
+    def wait_event(self, event) -> None:  # never called without CUDA graphs
+        raise RuntimeError("CUDA event on a CPU run")
+
+
+@contextlib.contextmanager
+def _on_cpu():
+    from .parallel import construction_device
+
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    current_stream = torch.cuda.current_stream
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
+    # the model-parallel CUDA RNG (forked around dropout, which is 0 here) has no CPU counterpart
+    tracker.fork = lambda *a, **k: contextlib.nullcontext()
+    try:
+        with construction_device("cpu"):
+            yield
+    finally:
+        torch.cuda.current_stream = current_stream  # type: ignore[assignment]
+        del tracker.fork
+
+
+def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from .config import ParallelSizes
+    from .data import megatron_batch
+    from .model import build_model, load_torch_dist
+    from .parallel import CPU_BUILD_OVERRIDES, destroy_parallel, initialize_parallel, use_torch_gdn_path
+
+    cpu = args.device == "cpu"
+    p = ParallelSizes(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
+    initialize_parallel(p, seed=args.seed, backend="gloo" if cpu else None)
+    device = "cpu" if cpu else f"cuda:{torch.cuda.current_device()}"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    overrides: dict[str, Any] = {"calculate_per_token_loss": True}
+    if args.moe_aux_loss_coeff is not None:
+        overrides["moe_aux_loss_coeff"] = args.moe_aux_loss_coeff
+    if cpu:
+        use_torch_gdn_path()
+        overrides.update(CPU_BUILD_OVERRIDES, deterministic_mode=True)
+    on_device = _on_cpu if cpu else contextlib.nullcontext
+    hf_dir = Path(args.hf)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    samples, pad_id = _global_batch(hf, args.seq, args.samples, Path(args.data))
+
+    with on_device():
+        model = build_model(hf_dir, p, dtype, False if cpu else None, config_overrides=overrides)
+    load_torch_dist(model, args.megatron_ckpt)
+    if args.mode == "lora":
+        from ..config.schema import LoraConfig
+        from ..lora import apply_lora
+
+        model = apply_lora(model, LoraConfig(r=args.lora_rank, alpha=2.0 * args.lora_rank), hf_config=hf, seed=args.seed)
+    with on_device():
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=False, overlap_grad_reduce=False), model)
+    ddp.zero_grad_buffer()
+    ddp.train()
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = samples[dp_rank::dp]
+    seq_local = args.seq // args.tp if args.sp else args.seq
+    hidden_shape = (seq_local, 1, int(hf["hidden_size"]))
+    reports = []
+    with on_device():
+        for sample in mine:
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v)
+                     for k, v in megatron_batch([sample], pad_id, args.seq, pack=False).items()}
+            rep = _stage_step(ddp, batch, hidden_shape, dtype, device)
+            if rep is not None:
+                reports.append(rep)
+        last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        local = torch.stack(reports).sum(0) if reports else torch.zeros(2, device=device)
+        num_tokens = local[1].round().to(torch.int) if last else torch.zeros((), dtype=torch.int, device=device)
+        finalize_model_grads([ddp], num_tokens=num_tokens.reshape(()))
+
+    # loss over the global batch: sum over the last stage's data-parallel ranks
+    totals = local.double().cpu() if last else torch.zeros(2, dtype=torch.float64)
+    totals = totals.to(device)
+    torch.distributed.all_reduce(totals)  # non-last stages add zeros; the last stage's TP ranks repeat it
+    totals = (totals / args.tp).cpu()
+
+    trained = [q for q in ddp.module.parameters() if q.requires_grad]
+    if args.mode == "lora":
+        from ..lora.peft_io import _gather_to_rank0, hf_lora_tensors
+
+        for q in trained:
+            q.grad = q.main_grad
+        with on_device():
+            grads = _gather_to_rank0(hf_lora_tensors(ddp.module, grads=True))
+    else:
+        rows = _gradient_chunks(ddp.module, trained)
+        parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+        torch.distributed.gather_object(rows, parts, dst=0)
+        grads = _assemble([r for part in parts for r in part]) if parts is not None else None
+    summary = None
+    if torch.distributed.get_rank() == 0:
+        norms = {k: float(v.double().norm()) for k, v in sorted(grads.items())}
+        summary = {
+            "layout": {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "sp": args.sp,
+                       "world_size": torch.distributed.get_world_size(), "dp": dp},
+            "mode": args.mode, "dtype": args.dtype, "device": args.device,
+            "samples": len(samples), "seq": args.seq,
+            "loss": float(totals[0] / totals[1]), "loss_tokens": int(round(float(totals[1]))),
+            "grad_norm": math.sqrt(sum(n * n for n in norms.values())),
+            "tensors": len(norms), "grad_norms": norms,
+        }
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "grads.pt.tmp"
+        torch.save(grads, tmp)
+        tmp.replace(out / "grads.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"[layout] {_name(summary['layout'])}: loss {summary['loss']:.6f} over {summary['loss_tokens']} tokens, "
+              f"grad norm {summary['grad_norm']:.6f} ({len(norms)} tensors) -> {out}", flush=True)
+    destroy_parallel()
+    return summary
+
+
+def _name(layout: dict) -> str:
+    parts = [f"{k}{layout[k]}" for k in ("tp", "ep", "etp", "pp") if layout.get(k, 1) > 1]
+    return ("_".join(parts) or "1rank") + ("_sp" if layout.get("sp") else "")
+
+
+def compare(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every layout against the first: loss, gradient norm, worst per-tensor relative L2 difference."""
+    ref_dir = Path(dirs[0])
+    ref = json.loads((ref_dir / "summary.json").read_text())
+    ref_grads = torch.load(ref_dir / "grads.pt")
+    rows = []
+    for d in dirs[1:]:
+        s = json.loads((Path(d) / "summary.json").read_text())
+        g = torch.load(Path(d) / "grads.pt")
+        if set(g) != set(ref_grads):
+            missing, extra = sorted(set(ref_grads) - set(g)), sorted(set(g) - set(ref_grads))
+            raise RuntimeError(f"{d}: other tensors than {ref_dir}: missing {missing[:3]}, extra {extra[:3]}")
+        worst_key, worst = None, 0.0
+        for k, r in ref_grads.items():
+            denom = float(r.double().norm())
+            err = float((g[k].double() - r.double()).norm()) / denom if denom > 0 else float(g[k].double().norm())
+            if err >= worst:
+                worst_key, worst = k, err
+        rows.append({
+            "layout": _name(s["layout"]), "reference": _name(ref["layout"]),
+            "loss": s["loss"], "loss_ref": ref["loss"], "loss_rel_diff": abs(s["loss"] - ref["loss"]) / abs(ref["loss"]),
+            "tokens_equal": s["loss_tokens"] == ref["loss_tokens"],
+            "grad_norm": s["grad_norm"], "grad_norm_ref": ref["grad_norm"],
+            "grad_norm_rel_diff": abs(s["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
+            "worst_tensor": worst_key, "worst_tensor_rel_l2": worst, "tensors": len(g),
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| layout | vs | loss | rel. diff | grad norm | rel. diff | worst tensor (rel. L2) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['layout']} | {r['reference']} | {r['loss']:.6f} | {r['loss_rel_diff']:.1e} | "
+                     f"{r['grad_norm']:.6f} | {r['grad_norm_rel_diff']:.1e} | `{r['worst_tensor']}` "
+                     f"({r['worst_tensor_rel_l2']:.1e}) |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m qnext.megatron.layout_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", nargs="+", type=Path, metavar="DIR", help="compare finished runs (first = reference)")
+    ap.add_argument("--hf", help="HF checkpoint directory (config.json is read)")
+    ap.add_argument("--megatron-ckpt", help="its torch_dist conversion")
+    ap.add_argument("--out", help="directory for grads.pt and summary.json")
+    for name in ("tp", "ep", "etp", "pp"):
+        ap.add_argument(f"--{name}", type=int, default=1)
+    ap.add_argument("--mode", choices=("full", "lora"), default="full")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4, help="global batch, one sample per micro-batch")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "data/sample/chats.jsonl"))
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--moe-aux-loss-coeff", type=float, help="override the model's router load-balancing loss weight")
+    args = ap.parse_args(argv)
+    args.sp = args.tp > 1  # megatron trains MoE with TP only under sequence parallelism, as the recipes do
+    if not args.compare:
+        missing = [f"--{n.replace('_', '-')}" for n in ("hf", "megatron_ckpt", "out") if not getattr(args, n)]
+        if missing:
+            ap.error(f"{', '.join(missing)} required (or --compare DIR ...)")
+        if args.seq % args.tp:
+            ap.error(f"--seq {args.seq} must be divisible by --tp {args.tp}")
+    return args
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compare:
+        rows = compare(args.compare)
+        print(markdown(rows))
+        print(json.dumps(rows, indent=1))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
