@@ -25,6 +25,10 @@ demo: ## tiny Qwen3-Next on CPU: LoRA on the sample chats, generations before/af
 parity: ## HF <-> Megatron logits of the converted tiny checkpoint at TP1/TP2/EP2/PP2 (GPUs, else CPU)
 	PY=$(PY) bash benchmarks/gpu_parity.sh $(OUT)
 
+.PHONY: grad-layouts
+grad-layouts: ## one training step's loss + every gradient at 1 rank, TP2, EP2, ETP2, PP2, TP2xEP2 (CPU, or the GPUs there are)
+	$(PY) benchmarks/grad_layouts.py --out $(or $(OUT),runs/grad_layouts) $(ARGS)
+
 .PHONY: test-gpu
 test-gpu: ## run the GPU tests (needs CUDA GPUs)
 	$(PY) -m pytest -q -m gpu tests

@@ -347,3 +347,30 @@ def test_adam_resumed_with_a_wrong_step_count_is_repaired_from_the_iteration():
 
     assert not all(torch.equal(a, b) for a, b in zip(resumed(repair=False), ref))
     assert all(torch.equal(a, b) for a, b in zip(resumed(repair=True), ref))
+
+
+def test_checkpoints_are_written_when_asked_and_only_then():
+    from qnext.megatron.train import should_save
+
+    saved = lambda **k: [s for s in range(1, 8) if should_save(s, k.get("stop", 7), 7, k["every"], k["final"])]  # noqa: E731
+    assert saved(every=0, final=False) == []  # the benchmark's setting: no checkpoint at all
+    assert saved(every=0, final=True) == [7]
+    assert saved(every=3, final=False) == [3, 6]
+    assert saved(every=3, final=True) == [3, 6, 7]
+    assert saved(every=0, final=False, stop=4) == [4]  # stop_after: the checkpoint to resume from
+
+
+def test_disk_check_refuses_a_disk_that_cannot_hold_one_checkpoint():
+    from qnext.megatron.train import checkpoint_bytes, disk_check
+
+    gib = 1024**3
+    # the 4-layer real-width proxy, full training: 7.21e9 bf16 weights + fp32 main copy and two moments
+    need = checkpoint_bytes(int(7.21e9) * 2, int(7.21e9))
+    assert need == int(7.21e9) * 14
+    assert checkpoint_bytes(100, 10, with_optimizer=False) == 100
+    with pytest.raises(UserError) as err:
+        disk_check(need, 40 * gib, keep=2, where="/ckpt")
+    assert "/ckpt has 40.0 GiB free" in str(err.value) and "train.save_every=0" in str(err.value)
+    note = disk_check(need, 120 * gib, keep=2, where="/ckpt")
+    assert note is not None and "keeping 2" in note
+    assert disk_check(need, 400 * gib, keep=2, where="/ckpt") is None

@@ -59,6 +59,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # false: no checkpoint and no final export at the end of the run (throughput benchmarks)
     save_final: bool = True
+    check_disk: bool = True  # Megatron: refuse to start when one checkpoint cannot fit the output disk
     # stop after this many steps with a checkpoint (resume=auto continues the same schedule); 0 = run to train.steps
     stop_after: int = 0
     optimizer_cpu_offload: bool = False

@@ -339,6 +339,41 @@ def restore_adam_steps(optimizer, iteration: int) -> int:
     return n
 
 
+def should_save(step: int, stop: int, total: int, save_every: int, save_final: bool) -> bool:
+    """Whether the Megatron entry writes a checkpoint after ``step``: every ``train.save_every`` steps
+    (0: never periodically), at the last step with ``train.save_final``, and always where
+    ``train.stop_after`` ends the run early (to resume from). megatron's own ``--save-interval`` is
+    not used here: it must be set whenever ``--save`` is, so it holds the run's length when
+    ``save_every`` is 0, and reading it back would save at the last step despite ``save_final=false``."""
+    if save_every > 0 and step % save_every == 0:
+        return True
+    return step == stop and (save_final or stop < total)
+
+
+def checkpoint_bytes(weight_bytes: int, trained_numel: int, with_optimizer: bool = True) -> int:
+    """Bytes of one torch_dist checkpoint of the whole model: every weight as stored (frozen LoRA base
+    weights included), plus for each trained weight the distributed optimizer's fp32 main copy and
+    Adam's two moments (12 B), unless the optimizer is not saved."""
+    return int(weight_bytes) + (12 * int(trained_numel) if with_optimizer else 0)
+
+
+def disk_check(need: int, free: int, keep: int, where: str) -> Optional[str]:
+    """None when ``free`` bytes hold the checkpoints the run will keep; a warning when they hold one
+    checkpoint but not ``keep`` + 1 (the newest is written before the oldest is pruned); UserError
+    when not even one fits (instead of a torch_dist write error at the first save, hours in)."""
+    gib = 1024**3
+    if need > free:
+        raise UserError(
+            f"one checkpoint of this run needs about {need / gib:.1f} GiB, and {where} has {free / gib:.1f} GiB free",
+            hint="free disk space, set output_dir to a larger disk, or train without checkpoints "
+                 "(train.save_every=0 train.save_final=false); train.check_disk=false starts anyway")
+    want = need * (max(int(keep), 1) + 1)
+    if want > free:
+        return (f"{where} has {free / gib:.1f} GiB free: one checkpoint (~{need / gib:.1f} GiB) fits, but keeping "
+                f"{keep} needs ~{want / gib:.1f} GiB while the next one is written (train.keep_checkpoints)")
+    return None
+
+
 def initialize_megatron_without_dataset_helpers(args) -> None:
     """``megatron.training.initialize_megatron`` without its last step.
 
@@ -424,6 +459,45 @@ class MegatronRun:
         self.say(f"memory plan: {pl.peak / GIB:.1f} GiB per GPU planned ({pl.layout}); this GPU has {total / GIB:.1f} GiB")
         if note:
             self.say(f"warning: {note}")
+
+    def check_disk(self) -> None:
+        """Free space where checkpoints go against one checkpoint's size (``checkpoint_bytes`` of the
+        model and optimizer just built), before the first step rather than at the first save."""
+        import torch
+        from megatron.core import parallel_state as ps
+
+        t = self.cfg.train
+        if not t.check_disk or not (t.save_every > 0 or t.save_final or 0 < t.stop_after < t.steps):
+            return
+        dense = expert = trained = 0.0
+        for chunk in self.model:
+            for p in chunk.parameters():
+                nbytes = p.numel() * p.element_size()
+                if getattr(p, "allreduce", True):
+                    dense += nbytes
+                    trained += p.numel() / ps.get_data_parallel_world_size() if p.requires_grad else 0
+                else:
+                    expert += nbytes
+                    trained += p.numel() / ps.get_expert_data_parallel_world_size() if p.requires_grad else 0
+        totals = torch.tensor([dense / ps.get_data_parallel_world_size(),
+                               expert / ps.get_expert_data_parallel_world_size(), trained],
+                              dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(totals)
+        need = checkpoint_bytes(int(totals[0] + totals[1]), int(totals[2]), with_optimizer=not self.args.no_save_optim)
+        verdict: list = [None]  # ("warning", text, None) or ("error", message, hint), decided on rank 0
+        if self.rank == 0:
+            save = Path(self.prep.ckpt.save)
+            save.mkdir(parents=True, exist_ok=True)
+            try:
+                note = disk_check(need, shutil.disk_usage(save).free, t.keep_checkpoints, str(save))
+                verdict = [("warning", note, None) if note else None]
+            except UserError as err:
+                verdict = [("error", err.message, err.hint)]
+        torch.distributed.broadcast_object_list(verdict, src=0)  # every rank stops, and the logger says it
+        if verdict[0] and verdict[0][0] == "error":
+            raise UserError(verdict[0][1], hint=verdict[0][2])
+        if verdict[0]:
+            self.say(f"warning: {verdict[0][1]}")
 
     def prepare_output_dir(self) -> None:
         import torch
@@ -690,7 +764,7 @@ class MegatronRun:
                     self.metrics.log(step, rec)
                 self.metrics.advance()
                 last = rec
-                if (args.save_interval and step % args.save_interval == 0) or (step == stop and (t.save_final or stop < total)):
+                if should_save(step, stop, total, t.save_every, t.save_final):
                     self.save(step)
             summary.update(steps=step, final_loss=last.get("loss"))
             if step < total:
@@ -739,6 +813,7 @@ def train(prep: Prepared) -> dict[str, Any]:
         run.prepare_output_dir()
         run.build_data()
         run.build_model()
+        run.check_disk()
         summary = run.run()
         torch.distributed.barrier()  # only on success: a failed rank must exit, not wait for the others
         return summary
