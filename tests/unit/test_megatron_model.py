@@ -360,3 +360,67 @@ def test_sdpa_attention_gqa_causal_and_packed():
     first = attn(q[:4, :1], k[:4, :1], v[:4, :1], None).reshape(4, -1)
     second = attn(q[4:, :1], k[4:, :1], v[4:, :1], None).reshape(6, -1)
     torch.testing.assert_close(packed, torch.cat([first, second]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
+    """QNEXT_PACKED_ATTENTION=masked (one SDPA call per pack) gives the per-sample loop's outputs and
+    gradients, also with tokens after the last boundary (their output is zero in both)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from qnext.megatron.attention import SDPAttention
+    from qnext.megatron.config import hf_to_transformer_config
+
+    class _PG:
+        tp = type("G", (), {"size": staticmethod(lambda: 1)})()
+
+    c = hf_to_transformer_config(TINY, None, torch.float32).config
+    attn = SDPAttention(c, 1, AttnMaskType.causal, pg_collection=_PG())
+    t, nh, ng, hd = 23, 4, 2, 32
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(t, n, hd, generator=g, dtype=torch.float64) for n in (nh, ng, ng)]
+    cu = torch.tensor([0, 5, 6, 14, 20], dtype=torch.int32)  # a 1-token sample, and 3 tokens after the last
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    results = {}
+    for mode in ("loop", "masked"):
+        monkeypatch.setenv("QNEXT_PACKED_ATTENTION", mode)
+        q, k, v = (x.clone().requires_grad_(True) for x in base)
+        out = attn(q, k, v, None, packed_seq_params=psp)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        results[mode] = (out.detach(), q.grad, k.grad, v.grad)
+    assert float(results["loop"][0][20:].abs().max()) == 0.0
+    for a, b in zip(results["loop"], results["masked"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    monkeypatch.setenv("QNEXT_PACKED_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="QNEXT_PACKED_ATTENTION"):
+        attn(*base, None, packed_seq_params=psp)
+
+
+def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):
+    """qnext.megatron.fixes' RoPE for packed sequences against megatron's per-sequence loop: the same
+    values and gradients, bit for bit, with Qwen3-Next's partial rotary dimension."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from qnext.megatron.fixes import _thd_rope_vectorized, install_thd_rope_vectorized
+    from qnext.megatron.parallel import construction_device
+
+    assert install_thd_rope_vectorized()
+    fixed = rope_utils._apply_rotary_pos_emb_thd
+    original = fixed.__wrapped__
+    assert fixed.qnext_fixed and not getattr(original, "qnext_fixed", False)
+    with construction_device("cpu"):  # megatron's RotaryEmbedding computes on the current CUDA device
+        freqs = RotaryEmbedding(kv_channels=32, rotary_percent=0.25, rotary_base=10_000_000,
+                                use_cpu_initialization=True)(16)  # [16, 1, 1, 8]: 8 of 32 channels rotate
+    cu = torch.tensor([0, 3, 4, 13, 16], dtype=torch.int32)
+    x0 = torch.randn(16, 4, 32, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+    cp = ps.get_context_parallel_group()
+    outs = []
+    for fn in (original, _thd_rope_vectorized(original)):
+        x = x0.clone().requires_grad_(True)
+        y = fn(x, cu, freqs, cp_group=cp)
+        (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).sin()).sum().backward()
+        outs.append((y.detach(), x.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not torch.equal(outs[0][0][:, :, :8], x0[:, :, :8]) and torch.equal(outs[0][0][:, :, 8:], x0[:, :, 8:])

@@ -20,6 +20,22 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 
+MASKED_MAX_TOKENS = 16384  # beyond this the [t, t] mask (and the dense work it masks) outgrow the per-sample loop
+
+
+def packed_attention_mode() -> str:
+    """How packed (``thd``) sequences are attended: ``loop`` (one SDPA call per sample, the default) or
+    ``masked`` (one call per pack with a block-diagonal mask), from ``QNEXT_PACKED_ATTENTION``. Both give
+    the same result (``tests/unit/test_megatron_model.py``); which is faster on a GPU is not yet measured,
+    so the per-sample loop stays the default."""
+    import os
+
+    mode = os.environ.get("QNEXT_PACKED_ATTENTION", "loop")
+    if mode not in ("loop", "masked"):
+        raise ValueError(f"QNEXT_PACKED_ATTENTION={mode!r}: use 'loop' or 'masked'")
+    return mode
+
+
 class SDPAttention(MegatronModule):
     """softmax(q k^T * scale + causal mask) v with SDPA; inputs [sq, b, np, hn] or packed [t, np, hn]."""
 
@@ -107,9 +123,11 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, self.num_heads * self.head_dim)
 
     def _forward_packed(self, query: Tensor, key: Tensor, value: Tensor, psp, causal: bool) -> Tensor:
-        """query [t, np, hn], key/value [t, ng, hn]; one SDPA per sample between cu_seqlens."""
+        """query [t, np, hn], key/value [t, ng, hn]; attention only within each sample of cu_seqlens."""
         cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
+        if packed_attention_mode() == "masked" and query.shape[0] <= MASKED_MAX_TOKENS and torch.equal(cu_q, cu_k):
+            return self._forward_packed_masked(query, key, value, cu_q, causal)
         bounds_q = cu_q.tolist()
         bounds_k = cu_k.tolist()
         out = query.new_zeros(query.shape[0], self.num_heads, self.head_dim)
@@ -122,6 +140,27 @@ class SDPAttention(MegatronModule):
             v = value[k0:k1].transpose(0, 1).unsqueeze(0)
             out[q0:q1] = self._sdpa(q, k, v, None, causal)[0].transpose(0, 1)
         return out.reshape(query.shape[0], self.num_heads * self.head_dim)
+
+    def _forward_packed_masked(self, query: Tensor, key: Tensor, value: Tensor, cu: Tensor, causal: bool) -> Tensor:
+        """The whole pack in one SDPA call with a block-diagonal (and causal) mask: a few kernels per
+        layer instead of a handful per sample. Tokens after the last boundary form one more block whose
+        output is zero, as in the per-sample loop. K/V heads are repeated for GQA, so that kernels which
+        take a mask but not ``enable_gqa`` remain eligible."""
+        t = query.shape[0]
+        cu = cu.to(device=query.device, dtype=torch.long)
+        lengths = torch.cat([cu[1:] - cu[:-1], (t - cu[-1]).reshape(1)])
+        segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=query.device), lengths, output_size=t)
+        keep = segment[:, None] == segment[None, :]
+        if causal:
+            keep = keep & torch.ones(t, t, dtype=torch.bool, device=query.device).tril()
+        q = query.transpose(0, 1).unsqueeze(0)
+        rep = self.num_heads // self.num_groups
+        k, v = (x.repeat_interleave(rep, dim=1) if rep > 1 else x for x in (key, value))
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0,
+                                             scale=self.softmax_scale)[0].transpose(0, 1)
+        out = out * (segment < lengths.numel() - 1).to(out.dtype)[:, None, None]  # the tail block: zeros
+        return out.reshape(t, self.num_heads * self.head_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         return {}  # no parameters (DotProductAttention's only one is the learnable softmax offset)

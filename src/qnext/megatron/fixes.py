@@ -1,4 +1,8 @@
-"""Run-time corrections to megatron-core found by this repository's checks.
+"""Run-time corrections to megatron-core found by this repository's checks (``install_all``, called by
+``qnext.megatron.model.build_model``; ``QNEXT_MEGATRON_FIXES=0`` turns them off).
+
+``install_thd_rope_vectorized``: RoPE of packed sequences in one pass instead of one per sequence (see
+``_thd_rope_vectorized``).
 
 ``install_router_token_count_fix``: the router load-balancing (aux) loss gradient under tensor or
 context parallelism.
@@ -56,3 +60,63 @@ def install_router_token_count_fix() -> bool:
     fixed.qnext_fixed = True  # type: ignore[attr-defined]
     router.get_tokens_per_expert_and_token_count = fixed
     return True
+
+
+def _thd_rope_vectorized(original):
+    """megatron's ``_apply_rotary_pos_emb_thd`` without its loop over the packed sequences, where it can.
+
+    Without Transformer Engine megatron applies RoPE to a packed (``thd``) batch one sequence at a time
+    (``torch.split`` by ``cu_seqlens``, then a slice, a rotation and a copy per sequence), which for
+    a 4096-token pack of short chats is hundreds of small kernels per attention layer and pass. The
+    same rotation for the whole pack at once: each token's position within its own sequence
+    (``arange(T) - start of its sequence``) selects its row of ``freqs``, and megatron's ``bshd`` rotation
+    runs once. Element for element the arithmetic is megatron's, so the result is bit-equal
+    (``tests/unit/test_megatron_fixes.py``). Context parallelism and per-token ("packed") frequency tables
+    keep megatron's own code."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    @functools.wraps(original)
+    def rope_thd(t, cu_seqlens, freqs, rotary_interleaved=False, mla_rotary_interleaved=False, mscale=1.0,
+                 cp_group=None, multi_latent_attention=None):
+        import torch
+
+        total = t.shape[0]
+        plain = (cp_group is not None and cp_group.size() == 1 and multi_latent_attention is None
+                 and not (freqs.dim() >= 1 and freqs.size(0) == total))
+        if not plain:
+            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                            mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale, cp_group=cp_group,
+                            multi_latent_attention=multi_latent_attention)
+        cu = cu_seqlens.to(device=t.device, dtype=torch.long)
+        lengths = cu[1:] - cu[:-1]
+        starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+        positions = torch.arange(total, device=t.device) - starts
+        return rope_utils._apply_rotary_pos_emb_bshd(
+            t.unsqueeze(1), freqs[positions], rotary_interleaved=rotary_interleaved,
+            mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
+
+    rope_thd.qnext_fixed = True  # type: ignore[attr-defined]
+    return rope_thd
+
+
+def install_thd_rope_vectorized() -> bool:
+    """Replace megatron's per-sequence ``thd`` RoPE loop by ``_thd_rope_vectorized``; idempotent.
+    ``QNEXT_MEGATRON_FIXES=0`` leaves megatron as it is."""
+    if os.environ.get("QNEXT_MEGATRON_FIXES", "1") == "0":
+        return False
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+    except ImportError:
+        return False
+    original = getattr(rope_utils, "_apply_rotary_pos_emb_thd", None)
+    if original is None:
+        return False
+    if not getattr(original, "qnext_fixed", False):
+        rope_utils._apply_rotary_pos_emb_thd = _thd_rope_vectorized(original)
+    return True
+
+
+def install_all() -> None:
+    """Every run-time correction in this module (each is idempotent)."""
+    install_router_token_count_fix()
+    install_thd_rope_vectorized()
