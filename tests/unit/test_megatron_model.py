@@ -412,7 +412,8 @@ def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):
     assert fixed.qnext_fixed and not getattr(original, "qnext_fixed", False)
     with construction_device("cpu"):  # megatron's RotaryEmbedding computes on the current CUDA device
         freqs = RotaryEmbedding(kv_channels=32, rotary_percent=0.25, rotary_base=10_000_000,
-                                use_cpu_initialization=True)(16)  # [16, 1, 1, 8]: 8 of 32 channels rotate
+                                use_cpu_initialization=True)(24)  # [24, 1, 1, 8]: 8 of 32 channels rotate
+    # (a table longer than the pack: megatron's "traditional" positions, each sequence from 0)
     cu = torch.tensor([0, 3, 4, 13, 16], dtype=torch.int32)
     x0 = torch.randn(16, 4, 32, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
     cp = ps.get_context_parallel_group()
