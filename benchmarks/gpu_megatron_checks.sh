@@ -4,14 +4,17 @@
 #   2. GPU tests of the training entry: exact resume, packed sequences, LoRA vs HF+PEFT (~4 min)
 #   3. the throughput benchmark (Megatron / FSDP / HF pipeline, LoRA and full, one profiled step each;
 #      ~12 min, most of it Triton autotuning in the first run)
+#   4. packed attention + RoPE variants side by side (benchmarks/packed_attention.py, ~1 min)
+#   5. one training step at every layout the GPUs allow against one GPU (benchmarks/grad_layouts.py;
+#      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
 # Usage (repo root, packages installed): bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
-#   STEPS=2,3 runs a subset.
+#   STEPS=2,3 runs a subset (default 1,2,3,4,5).
 set -uo pipefail
 kind=${1:?usage: gpu_megatron_checks.sh KIND [OUTDIR]}
 out=${2:-benchmarks/results/gpu_checks_$kind}
 py=${PY:-python3}
-steps=${STEPS:-1,2,3}
+steps=${STEPS:-1,2,3,4,5}
 mkdir -p "$out"
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" QNEXT_STACK_DUMP_S=${QNEXT_STACK_DUMP_S:-120}
@@ -32,5 +35,13 @@ if want 3; then
   step "throughput (writes $out/throughput)"
   timed "$py" benchmarks/train_throughput.py --out "$out/throughput" --steps 6 --warmup 2 --gbs 2 --timeout 480 \
     --profile 2>&1 | tee "$out/throughput.log" | grep "^\[bench\]"
+fi
+if want 4; then
+  step "packed attention and RoPE variants (writes $out/packed_attention)"
+  timed "$py" benchmarks/packed_attention.py --out "$out/packed_attention" 2>&1 | tee "$out/packed_attention.log" | tail -8
+fi
+if want 5; then
+  step "layout invariance of one training step (writes $out/grad_layouts)"
+  timed "$py" benchmarks/grad_layouts.py --out "$out/grad_layouts" 2>&1 | tee "$out/grad_layouts.log" | tail -12
 fi
 step "done"
