@@ -127,3 +127,29 @@ def test_ondisk_value_splits_fused_experts():
     assert torch.equal(ondisk_value("model.layers.0.mlp.experts.1.up_proj.weight", sd), gate_up[1, 3:])
     assert torch.equal(ondisk_value("model.layers.0.mlp.experts.0.down_proj.weight", sd), down[0])
     assert ondisk_value("mtp.fc.weight", sd) is None
+
+
+def test_fsdp_optimizer_is_fused_adamw_by_default_and_matches_foreach():
+    """train.optimizer_fused (default true) gives torch's fused AdamW, which takes the same steps as the
+    foreach one to float32 rounding; false keeps torch's default."""
+    import torch
+
+    from qnext.config.schema import TrainConfig
+    from qnext.fsdp.optim import build_optimizer
+
+    def three_steps(fused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+        opt = build_optimizer(model.parameters(), TrainConfig(lr=1e-2, optimizer_fused=fused))
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        return opt, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    opt_fused, w_fused = three_steps(True)
+    opt_plain, w_plain = three_steps(False)
+    assert all(g.get("fused") for g in opt_fused.param_groups)
+    assert not any(g.get("fused") for g in opt_plain.param_groups)
+    torch.testing.assert_close(w_fused, w_plain, rtol=1e-5, atol=1e-6)

@@ -63,8 +63,9 @@ class TrainConfig:
     # stop after this many steps with a checkpoint (resume=auto continues the same schedule); 0 = run to train.steps
     stop_after: int = 0
     optimizer_cpu_offload: bool = False
-    # Megatron without Transformer Engine/Apex: torch's fused AdamW (one kernel, no temporaries) instead of
-    # its foreach Adam (which needs 4 B per weight extra at each step); false keeps megatron's choice
+    # torch's fused AdamW (one kernel, no temporaries) instead of its foreach Adam (which needs 4 B per
+    # weight extra at each step): the FSDP backend, and Megatron without Transformer Engine/Apex; false keeps
+    # torch's default (FSDP) or megatron's choice
     optimizer_fused: bool = True
     router_aux_loss_coef: Optional[float] = None  # null = the model config's value
 
