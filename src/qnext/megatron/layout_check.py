@@ -177,6 +177,12 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     from .model import build_model, load_torch_dist
     from .parallel import CPU_BUILD_OVERRIDES, destroy_parallel, initialize_parallel, use_torch_gdn_path
 
+    hf_dir = Path(args.hf)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"--hf {hf_dir}: no config.json there", hint="pass the HF checkpoint directory")
+    if not Path(args.megatron_ckpt).is_dir():
+        raise UserError(f"--megatron-ckpt {args.megatron_ckpt}: no such directory",
+                        hint="convert the --hf checkpoint first: make convert HF=<hf dir> OUT=<dir>")
     cpu = args.device == "cpu"
     p = ParallelSizes(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
     initialize_parallel(p, seed=args.seed, backend="gloo" if cpu else None)
@@ -189,7 +195,6 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         use_torch_gdn_path()
         overrides.update(CPU_BUILD_OVERRIDES, deterministic_mode=True)
     on_device = _on_cpu if cpu else contextlib.nullcontext
-    hf_dir = Path(args.hf)
     hf = json.loads((hf_dir / "config.json").read_text())
     samples, pad_id = _global_batch(hf, args.seq, args.samples, Path(args.data))
 
@@ -274,6 +279,9 @@ def _name(layout: dict) -> str:
 
 def compare(dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Every layout against the first: loss, gradient norm, worst per-tensor relative L2 difference."""
+    for d in dirs:
+        if not (Path(d) / "summary.json").is_file() or not (Path(d) / "grads.pt").is_file():
+            raise UserError(f"{d}: no summary.json and grads.pt there", hint="give the --out directories of finished runs")
     ref_dir = Path(dirs[0])
     ref = json.loads((ref_dir / "summary.json").read_text())
     ref_grads = torch.load(ref_dir / "grads.pt")
