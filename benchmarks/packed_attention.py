@@ -3,8 +3,8 @@
 forward + backward of one pack of sample chats (their real lengths, repeated until the pack is full),
 Qwen3-Next's attention shapes (16 query heads, 2 KV groups, head dim 256, 25% rotary).
 
-- attention: ``SDPAttention`` with ``QNEXT_PACKED_ATTENTION=loop`` (one SDPA call per chat) and ``masked``
-  (one call with a block-diagonal causal mask);
+- attention: ``SDPAttention`` with ``QNEXT_PACKED_ATTENTION=loop`` (one SDPA call per chat), ``masked``
+  (one call with a block-diagonal causal mask) and, on GPUs, ``varlen`` (torch's flash ``varlen_attn``);
 - RoPE: megatron's per-sequence ``_apply_rotary_pos_emb_thd`` and qnext's one-pass replacement.
 
 Each variant's output and gradients are compared with the first one's. Writes ``<out>/packed_attention.json``
@@ -68,7 +68,7 @@ def main() -> int:
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
-    from qnext.megatron.attention import SDPAttention
+    from qnext.megatron.attention import SDPAttention, varlen_usable
     from qnext.megatron.config import hf_to_transformer_config
     from qnext.megatron.fixes import _thd_rope_vectorized
 
@@ -137,7 +137,10 @@ def main() -> int:
         return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
     rows = []
-    for part, variants in (("attention", {"loop": lambda: attention("loop"), "masked": lambda: attention("masked")}),
+    attention_variants = {"loop": lambda: attention("loop"), "masked": lambda: attention("masked")}
+    if varlen_usable(q0):
+        attention_variants["varlen"] = lambda: attention("varlen")
+    for part, variants in (("attention", attention_variants),
                            ("rope", {"megatron loop": lambda: rope(loop_rope),
                                      "one pass": lambda: rope(_thd_rope_vectorized(loop_rope))})):
         ref = None

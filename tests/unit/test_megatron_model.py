@@ -382,7 +382,7 @@ def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
     cu = torch.tensor([0, 5, 6, 14, 20], dtype=torch.int32)  # a 1-token sample, and 3 tokens after the last
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
     results = {}
-    for mode in ("loop", "masked"):
+    for mode in ("loop", "masked", "varlen"):  # varlen: flash on CUDA only, so the loop here
         monkeypatch.setenv("QNEXT_PACKED_ATTENTION", mode)
         q, k, v = (x.clone().requires_grad_(True) for x in base)
         out = attn(q, k, v, None, packed_seq_params=psp)
@@ -391,6 +391,7 @@ def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
     assert float(results["loop"][0][20:].abs().max()) == 0.0
     for a, b in zip(results["loop"], results["masked"]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert all(torch.equal(a, b) for a, b in zip(results["loop"], results["varlen"]))
     monkeypatch.setenv("QNEXT_PACKED_ATTENTION", "fast")
     with pytest.raises(ValueError, match="QNEXT_PACKED_ATTENTION"):
         attn(*base, None, packed_seq_params=psp)

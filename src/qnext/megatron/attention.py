@@ -24,16 +24,29 @@ MASKED_MAX_TOKENS = 16384  # beyond this the [t, t] mask (and the dense work it 
 
 
 def packed_attention_mode() -> str:
-    """How packed (``thd``) sequences are attended: ``loop`` (one SDPA call per sample, the default) or
-    ``masked`` (one call per pack with a block-diagonal mask), from ``QNEXT_PACKED_ATTENTION``. Both give
-    the same result (``tests/unit/test_megatron_model.py``); which is faster on a GPU is not yet measured,
-    so the per-sample loop stays the default."""
+    """How packed (``thd``) sequences are attended, from ``QNEXT_PACKED_ATTENTION``: ``loop`` (one SDPA call
+    per sample, the default), ``masked`` (one call per pack with a block-diagonal mask) or ``varlen`` (one
+    flash-attention call over ``cu_seqlens``, CUDA with bf16/fp16 only; elsewhere the loop). ``masked``
+    equals the loop on CPU (``tests/unit/test_megatron_model.py``), ``varlen`` is checked against it on a
+    GPU (``tests/gpu/test_megatron_model_gpu.py``). Which is fastest is not yet measured on a GPU
+    (``benchmarks/packed_attention.py``), so the per-sample loop stays the default."""
     import os
 
     mode = os.environ.get("QNEXT_PACKED_ATTENTION", "loop")
-    if mode not in ("loop", "masked"):
-        raise ValueError(f"QNEXT_PACKED_ATTENTION={mode!r}: use 'loop' or 'masked'")
+    if mode not in ("loop", "masked", "varlen"):
+        raise ValueError(f"QNEXT_PACKED_ATTENTION={mode!r}: use 'loop', 'masked' or 'varlen'")
     return mode
+
+
+def varlen_usable(x: Tensor) -> bool:
+    """Whether torch's flash ``varlen_attn`` can take ``x``: CUDA, half precision, torch >= 2.10."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class SDPAttention(MegatronModule):
@@ -126,7 +139,10 @@ class SDPAttention(MegatronModule):
         """query [t, np, hn], key/value [t, ng, hn]; attention only within each sample of cu_seqlens."""
         cu_q = psp.cu_seqlens_q_padded if psp.cu_seqlens_q_padded is not None else psp.cu_seqlens_q
         cu_k = psp.cu_seqlens_kv_padded if psp.cu_seqlens_kv_padded is not None else psp.cu_seqlens_kv
-        if packed_attention_mode() == "masked" and query.shape[0] <= MASKED_MAX_TOKENS and torch.equal(cu_q, cu_k):
+        mode = packed_attention_mode()
+        if mode == "varlen" and varlen_usable(query) and torch.equal(cu_q, cu_k) and self.dropout_p == 0.0:
+            return self._forward_packed_varlen(query, key, value, cu_q, psp.max_seqlen_q, causal)
+        if mode == "masked" and query.shape[0] <= MASKED_MAX_TOKENS and torch.equal(cu_q, cu_k):
             return self._forward_packed_masked(query, key, value, cu_q, causal)
         bounds_q = cu_q.tolist()
         bounds_k = cu_k.tolist()
@@ -160,6 +176,24 @@ class SDPAttention(MegatronModule):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout_p if self.training else 0.0,
                                              scale=self.softmax_scale)[0].transpose(0, 1)
         out = out * (segment < lengths.numel() - 1).to(out.dtype)[:, None, None]  # the tail block: zeros
+        return out.reshape(t, self.num_heads * self.head_dim)
+
+    def _forward_packed_varlen(self, query: Tensor, key: Tensor, value: Tensor, cu: Tensor, max_len, causal: bool) -> Tensor:
+        """The whole pack in one flash-attention call over ``cu_seqlens`` (torch's ``varlen_attn``): only the
+        samples' own blocks are computed. K/V heads are repeated for GQA; tokens after the last boundary
+        get zeros, as in the per-sample loop."""
+        from torch.nn.attention.varlen import varlen_attn
+
+        t = query.shape[0]
+        cu32 = cu.to(device=query.device, dtype=torch.int32)
+        end = int(cu32[-1])
+        max_len = int(max_len) if max_len else int((cu32[1:] - cu32[:-1]).max())
+        rep = self.num_heads // self.num_groups
+        k, v = (x[:end].repeat_interleave(rep, dim=1) if rep > 1 else x[:end] for x in (key, value))
+        out = varlen_attn(query[:end], k, v, cu32, cu32, max_len, max_len, scale=self.softmax_scale,
+                          window_size=(-1, 0) if causal else (-1, -1))
+        if end < t:
+            out = torch.cat([out, out.new_zeros(t - end, *out.shape[1:])])
         return out.reshape(t, self.num_heads * self.head_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
