@@ -4,7 +4,7 @@
 #   2. GPU tests of the training entry: exact resume, packed sequences, LoRA vs HF+PEFT (~4 min)
 #   3. the throughput benchmark (Megatron / FSDP / HF pipeline, LoRA and full, one profiled step each;
 #      ~12 min, most of it Triton autotuning in the first run)
-#   4. packed attention + RoPE variants side by side (benchmarks/packed_attention.py, ~1 min)
+#   4. packed attention + RoPE variants: their GPU test, then timed side by side (benchmarks/packed_attention.py, ~2 min)
 #   5. one training step at every layout the GPUs allow against one GPU (benchmarks/grad_layouts.py;
 #      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
 # Usage (repo root, packages installed): bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
@@ -37,7 +37,9 @@ if want 3; then
     --profile 2>&1 | tee "$out/throughput.log" | grep "^\[bench\]"
 fi
 if want 4; then
-  step "packed attention and RoPE variants (writes $out/packed_attention)"
+  step "packed attention and RoPE variants (GPU test, then writes $out/packed_attention)"
+  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_model_gpu.py -k packed_attention -s -p no:cacheprovider 2>&1 \
+    | tee "$out/packed_attention_test.log" | grep -E "vs loop|passed|failed|Error" | tail -6
   timed "$py" benchmarks/packed_attention.py --out "$out/packed_attention" 2>&1 | tee "$out/packed_attention.log" | tail -8
 fi
 if want 5; then
