@@ -138,7 +138,9 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
             # (model build, Triton autotuning) are kept apart
             "peak_mem_gib": max(r.get("peak_mem_gib", 0.0) for r in steps),
             "peak_mem_first_steps_gib": max((r.get("peak_mem_gib", 0.0) for r in recs if r not in steps), default=None),
-            "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0.0) for r in steps), "losses": [r.get("loss") for r in steps]}
+            "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0.0) for r in steps), "losses": [r.get("loss") for r in steps],
+            # before step 1: model build and checkpoint load (the Megatron entry records it)
+            "startup_peak_gib": next((r["startup_peak_gib"] for r in recs if "startup_peak_gib" in r), None)}
 
 
 def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict], dict]:
@@ -193,13 +195,15 @@ def run_hf_worker(args, model, mode: str, out: Path, timeout: int) -> tuple[list
 
 
 def planned_gib(overrides: list[str], ngpu: int) -> dict[str, float]:
-    """The planner's peak per GPU, and its tensor part (the peak less the context/NCCL/slack allowance),
-    which is what the measured max-allocated peak compares with."""
+    """The planner's step peak per GPU, and its tensor part (the peak less the context/NCCL/slack allowance),
+    which is what the measured max-allocated peak of the timed steps compares with; and its start-up
+    (checkpoint load) tensors."""
     from qnext.config import load_config
     from qnext.plan import plan
 
     pl = plan(load_config(overrides), world_size=ngpu)
-    return {"planned_peak_gib": pl.peak / GIB, "planned_tensors_gib": (pl.peak - pl.buffers) / GIB}
+    return {"planned_peak_gib": pl.step_peak / GIB, "planned_tensors_gib": (pl.step_peak - pl.buffers) / GIB,
+            "planned_load_tensors_gib": pl.load / GIB}
 
 
 # ----------------------------------------------------------------------------------------- HF pipeline
@@ -346,6 +350,11 @@ def render(data: dict, out_dir: Path) -> None:
             lines.append(f"- {mode}: planner {mg['planned_tensors_gib']:.1f} GiB of tensors vs {mg['peak_mem_gib']:.1f} GiB "
                          f"measured max allocated ({100 * err:+.0f}%, {'met' if abs(err) <= 0.15 else 'NOT met'}); "
                          f"planned peak with the context/NCCL/slack allowance {mg['planned_peak_gib']:.1f} GiB.")
+        if mg and mg.get("planned_load_tensors_gib") and mg.get("startup_peak_gib"):
+            err = mg["planned_load_tensors_gib"] / mg["startup_peak_gib"] - 1
+            lines.append(f"- {mode}: start-up (checkpoint load) planned {mg['planned_load_tensors_gib']:.1f} GiB vs "
+                         f"{mg['startup_peak_gib']:.1f} GiB measured before step 1 ({100 * err:+.0f}%, "
+                         f"{'met' if abs(err) <= 0.15 else 'NOT met'}).")
     fails = [r for r in rows if r.get("error")]
     if fails:
         lines += ["", "Failed runs (last lines of their logs are in the JSON):"]

@@ -80,9 +80,9 @@ def run_plan(*args: str) -> subprocess.CompletedProcess:
 def test_cli_fits_does_not_fit_and_refuses_fsdp():
     ok = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "80")
     assert ok.returncode == 0 and "fits:" in ok.stdout, ok.stderr
-    tight = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "40")
+    tight = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "8", "--gpu-mem", "44")
     assert tight.returncode == 1 and "does NOT fit" in tight.stdout
-    assert "parallel.tp=" in tight.stdout  # proposals that fit 40 GiB
+    assert "parallel.tp=" in tight.stdout  # proposals that fit 44 GiB
     mixed = run_plan("recipe=qwen3_next_80b_full", "--gpus", "32", "train.optimizer_cpu_offload=true")
     assert mixed.returncode in (0, 1) and "host memory" in mixed.stdout, mixed.stderr  # options and overrides intermixed
     fsdp = run_plan("recipe=tiny_lora_cpu")
@@ -96,22 +96,22 @@ def test_start_up_check_refuses_a_layout_that_cannot_fit_and_proposes_ones_that_
 
     cfg = load_config(["recipe=qwen3_next_80b_lora"])
     pl = plan(cfg, world_size=8)
-    assert check_fits(cfg, pl, 80 * GIB, 8) is None  # 43.0 GiB planned: fits an H100 with room
+    assert check_fits(cfg, pl, 80 * GIB, 8) is None  # 47.9 GiB planned (start-up): fits an H100 with room
     assert "little headroom" in check_fits(cfg, pl, pl.peak / 0.95, 8)
     with pytest.raises(UserError) as err:
-        check_fits(cfg, pl, 40 * GIB, 8)
+        check_fits(cfg, pl, 44 * GIB, 8)
     text = str(err.value)
     assert f"needs {pl.peak / GIB:.1f} GiB per GPU" in text and "activations" in text  # the plan's table
     assert "parallel.tp=" in text and "parallel.memory_check=false" in text
-    # each proposed layout's own plan fits 40 GiB
+    # each proposed layout's own plan fits 44 GiB
     from dataclasses import replace
     import re
 
     for tp, pp, ep in re.findall(r"parallel\.tp=(\d+) parallel\.pp=(\d+) parallel\.ep=(\d+)", text):
         c = replace(cfg, parallel=replace(cfg.parallel, tp=int(tp), pp=int(pp), ep=int(ep)))
-        assert plan(c, world_size=8).peak <= 40 * GIB
+        assert plan(c, world_size=8).peak <= 44 * GIB
     off = load_config(["recipe=qwen3_next_80b_lora", "parallel.memory_check=false"])
-    assert "starting anyway" in check_fits(off, plan(off, world_size=8), 40 * GIB, 8)
+    assert "starting anyway" in check_fits(off, plan(off, world_size=8), 44 * GIB, 8)
     full = load_config(["recipe=qwen3_next_80b_full", "parallel=1gpu", "train.optimizer_cpu_offload=false"])
     with pytest.raises(UserError, match="no TP/PP/EP layout fits"):
         check_fits(full, plan(full, world_size=1), 80 * GIB, 1)
@@ -138,8 +138,8 @@ def test_torch_adam_step_temporaries_count_when_they_exceed_the_activations(tmp_
     fused = plan(load_config([*TINY, "train=full"]), world_size=1, fused_adam=True)
     assert torch_adam.step_temp == 4 * pc.total and fused.step_temp == 0
     base = torch_adam.weights + torch_adam.grads + torch_adam.optimizer + torch_adam.lora + torch_adam.buffers
-    assert torch_adam.peak == base + max(torch_adam.activations, torch_adam.step_temp)
-    assert fused.peak == base + fused.activations
+    assert torch_adam.step_peak == base + max(torch_adam.activations, torch_adam.step_temp)
+    assert fused.step_peak == base + fused.activations
     assert "optimizer step temporaries" in torch_adam.table()
     offload = plan(load_config([*TINY, "train=full", "train.optimizer_cpu_offload=true"]), world_size=1, fused_adam=False)
     assert offload.step_temp == 0  # the step runs on the host
@@ -154,3 +154,24 @@ def test_torch_adam_step_temporaries_count_when_they_exceed_the_activations(tmp_
     proxy = plan(cfg, world_size=1, fused_adam=False)
     assert 7.2e9 < proxy.params_total < 7.22e9
     assert proxy.peak > 139.8 * GIB
+
+
+def test_plan_against_the_measured_proxy_runs_on_one_h200(tmp_path):
+    """The 4-layer real-width proxy (7.21 B parameters, 2 x 4096 packed tokens, selective recompute) on one
+    H200: full training with fused AdamW peaked at 126.5 GiB allocated in its steps
+    (benchmarks/results/train_throughput_h200_4layer_full/); LoRA r16 at 26.6 GiB, reached during start-up
+    (benchmarks/results/train_throughput_h200_4layer/: the same value from step 1 on, while the step
+    itself plans 18 GiB). The plan's tensors must be within 15% of both."""
+    conf = json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text())
+    conf["num_hidden_layers"] = 4
+    path = tmp_path / "proxy4.json"
+    path.write_text(json.dumps(conf))
+    base = [f"model.hf_config={path}", "parallel=1gpu", "parallel.recompute=selective", "data.seq_length=4096",
+            "train.global_batch_size=2", "train.micro_batch_size=1"]
+    full = plan(load_config([*base, "train=full"]), world_size=1, fused_adam=True)
+    lora = plan(load_config([*base, "train=lora", "train.lora.r=16", "train.lora.alpha=32"]), world_size=1)
+    assert abs((full.step_peak - full.buffers) / GIB / 126.5 - 1) < 0.15
+    assert abs((lora.peak - lora.buffers) / GIB / 26.6 - 1) < 0.15
+    assert lora.load > lora.step_peak - lora.buffers  # the load, not the step, is LoRA's peak
+    assert full.step_peak > full.load + full.buffers  # and the step is full training's
+    assert "start-up" in lora.table() and "exceeds a step" in lora.table()

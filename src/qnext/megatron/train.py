@@ -406,6 +406,7 @@ class MegatronRun:
         self.metrics = None
         self.planned_peak_gib: Optional[float] = None
         self.run_peak_gib = 0.0  # the max allocated before the current step's window (build, earlier steps)
+        self.startup_peak_gib: Optional[float] = None  # the max allocated before the first step
 
     # -- set-up
     def initialize(self) -> None:
@@ -643,6 +644,9 @@ class MegatronRun:
 
         batches = self.batches.step(step)
         torch.cuda.synchronize()
+        startup = None
+        if self.startup_peak_gib is None:  # the first step of this process: the peak so far is the start-up's
+            startup = self.startup_peak_gib = peak_memory_gib(self.device)
         self.run_peak_gib = max(self.run_peak_gib, peak_memory_gib(self.device))
         reset_step_peak(self.device)
         t_start = time.perf_counter()
@@ -669,6 +673,8 @@ class MegatronRun:
             "loss_tokens": labelled,
             "epoch": round(self.sampler.epoch_of(step + 1), 3),
         }
+        if startup is not None:
+            rec["startup_peak_gib"] = startup  # model build + checkpoint load (qnext.plan's start-up term)
         if skipped:
             rec["skipped"] = 1
         if prof.active:
