@@ -192,7 +192,7 @@ class Plan:
                 ("LoRA (weights, grads, states)", self.lora), ("activations", self.activations),
                 ("optimizer step temporaries", self.step_temp),
                 ("buffers (context, NCCL, slack)", self.buffers), ("peak of a step", self.step_peak),
-                ("peak at start-up (checkpoint load)", self.load + self.buffers), ("peak per GPU", self.peak)]
+                ("start-up peak (checkpoint load)", self.load + self.buffers), ("peak per GPU", self.peak)]
         lines = [f"layout: {self.layout}",
                  f"parameters: {self.params_total / 1e9:.2f} B in the model, {self.params_per_gpu / 1e9:.2f} B on the most loaded GPU",
                  f"step: {self.step_flops / 1e15:.2f} PFLOP"]
