@@ -95,6 +95,7 @@ def main() -> int:
         print(f"[grad_layouts] {name}: done in {time.time() - t0:.0f} s", flush=True)
         ran.append(name)
 
+    from qnext.fsutil import atomic_write_text
     from qnext.megatron.layout_check import compare, markdown
 
     rows = compare([args.out / n for n in ran]) if len(ran) > 1 else []
@@ -108,10 +109,10 @@ def main() -> int:
             f"grad norm {ref['grad_norm']:.6f} over {ref['tensors']} tensors. Tolerance: loss {tol_loss:g}, "
             f"grad norm {tol_norm:g}, per tensor {tol_tensor:g} (relative).")
     text = head + "\n\n" + markdown(rows) + "\n" + (f"\nNot run: {', '.join(skipped)}.\n" if skipped else "")
-    (args.out / "grad_layouts.md").write_text(text)
-    (args.out / "grad_layouts.json").write_text(json.dumps({"reference": ref, "rows": rows, "skipped": skipped,
-                                                            "dtype": dtype, "device": device, "gpus": gpus},
-                                                           indent=1) + "\n")
+    atomic_write_text(args.out / "grad_layouts.md", text)
+    atomic_write_text(args.out / "grad_layouts.json", json.dumps({"reference": ref, "rows": rows, "skipped": skipped,
+                                                                 "dtype": dtype, "device": device, "gpus": gpus},
+                                                                indent=1) + "\n")
     print(text)
     bad = [r["layout"] for r in rows if not r["ok"]]
     if bad:

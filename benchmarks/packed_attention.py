@@ -70,6 +70,7 @@ def main() -> int:
 
     from qnext.megatron.attention import SDPAttention, varlen_usable
     from qnext.megatron.config import hf_to_transformer_config
+    from qnext.fsutil import atomic_write_text
     from qnext.megatron.fixes import _thd_rope_vectorized
 
     dev = args.device
@@ -156,14 +157,14 @@ def main() -> int:
            "tokens": t, "chats": len(lengths), "heads": [nh, ng, hd], "rotary_dim": rot, "repeats": args.repeats,
            "torch": torch.__version__, "command": "python benchmarks/packed_attention.py " + " ".join(sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "packed_attention.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(args.out / "packed_attention.json", json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     lines = [f"# Packed attention and RoPE, forward + backward ({env['date']}, {gpu}, {env['dtype']})", "",
              f"Command: `{env['command']}`; {t} tokens in {len(lengths)} chats (the sample's lengths), heads "
              f"{nh}/{ng} x {hd}, rotary {rot}; median of {args.repeats}.", "",
              "| part | variant | ms (fwd+bwd) | speed-up vs first | max rel. L2 vs first (out, grads) |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['part']} | {r['variant']} | {r['ms_fwd_bwd']:.2f} | {r['speedup_vs_first']:.2f}x | "
               f"{r['max_rel_l2_vs_first']:.1e} |" for r in rows]
-    (args.out / "packed_attention.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "packed_attention.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import UserError, cli_main
+from ..fsutil import atomic_write_text
 
 
 def _global_batch(hf_config: dict, seq: int, samples: int, data: Path) -> tuple[list[dict], int]:
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         tmp = out / "grads.pt.tmp"
         torch.save(grads, tmp)
         tmp.replace(out / "grads.pt")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         print(f"[layout] {_name(summary['layout'])}: loss {summary['loss']:.6f} over {summary['loss_tokens']} tokens, "
               f"grad norm {summary['grad_norm']:.6f} ({len(norms)} tensors) -> {out}", flush=True)
     destroy_parallel()
