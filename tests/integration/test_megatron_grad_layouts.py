@@ -8,7 +8,9 @@ float32 rounding.
 Also measured: without qnext's router fix (``QNEXT_MEGATRON_FIXES=0``), megatron-core scales the router
 load-balancing gradient by the TP size: TP2's router weights' aux-loss gradient is twice one rank's.
 
-Slow: 7 torchrun worlds of the tiny model, about 2-3 minutes on 2 cores.
+Also LoRA: adapters' A and B gradients at TP2 equal one rank's.
+
+Slow: 9 torchrun worlds of the tiny model, about 3 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -102,3 +104,20 @@ def test_without_the_router_fix_tp2_doubles_the_router_aux_gradient(ckpt, refere
             assert diff > 1e-2, (k, diff)
         else:  # the aux loss's gradient also reaches earlier weights through the routers' input: a small shift
             assert diff < 2e-2, (k, diff)
+
+
+def test_lora_gradients_at_tp2_equal_one_ranks(ckpt):
+    """LoRA (qnext.lora on megatron's parallel linears, TP-sharded A or B): with B drawn non-zero and the
+    same at both layouts (``--lora-b-std``), every adapter's A and B gradient at TP2 + sequence parallelism
+    equals the single rank's, as whole HF PEFT tensors."""
+    from qnext.megatron.layout_check import compare
+
+    one = run_layout(ckpt, "lora_one_rank", 1, ["--mode", "lora"])
+    tp2 = run_layout(ckpt, "lora_tp2", 2, ["--mode", "lora", "--tp", "2"])
+    ref = json.loads((one / "summary.json").read_text())
+    a_norms = [v for k, v in ref["grad_norms"].items() if "lora_A" in k]
+    assert ref["mode"] == "lora" and len(a_norms) >= 10 and min(a_norms) > 0  # A has gradients too
+    [row] = compare([one, tp2])
+    print(row)
+    assert row["loss_rel_diff"] < 1e-6 and row["grad_norm_rel_diff"] < 1e-6, row
+    assert row["worst_tensor_rel_l2"] < 1e-4, row

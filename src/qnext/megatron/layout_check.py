@@ -141,6 +141,23 @@ def _assemble(rows: list[tuple]) -> dict[str, torch.Tensor]:
     return full
 
 
+def _seed_lora_b(model, std: float, seed: int) -> None:
+    """Give every LoRA B a non-zero value, the same whole tensor at every layout (drawn per HF module,
+    then sharded as the branch is), so that A's gradients are not trivially zero at the first step."""
+    import zlib
+
+    from ..lora.apply import lora_modules
+
+    with torch.no_grad():
+        for module in lora_modules(model).values():
+            for br in module.lora.values():
+                bp = br.plan
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(bp.hf_module.encode()))
+                b_full = torch.randn(bp.out_features, br.lora_A.shape[0], generator=g) * std
+                _, b = module.lora_plan.shard(bp, torch.zeros(br.lora_A.shape[0], bp.in_features), b_full)
+                br.lora_B.copy_(b.to(br.lora_B.dtype))
+
+
 class _NoStream:
     """What megatron's gradient sync asks of ``torch.cuda.current_stream()`` on a CPU-only run (it waits
     on events that only CUDA-graph replays set)."""
@@ -207,6 +224,8 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         from ..lora import apply_lora
 
         model = apply_lora(model, LoraConfig(r=args.lora_rank, alpha=2.0 * args.lora_rank), hf_config=hf, seed=args.seed)
+        if args.lora_b_std > 0:
+            _seed_lora_b(model, args.lora_b_std, args.seed)
     with on_device():
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=False, overlap_grad_reduce=False), model)
@@ -331,6 +350,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         ap.add_argument(f"--{name}", type=int, default=1)
     ap.add_argument("--mode", choices=("full", "lora"), default="full")
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--lora-b-std", type=float, default=0.02,
+                    help="LoRA: B drawn with this std (the same at every layout) instead of zeros, so A has gradients")
     ap.add_argument("--samples", type=int, default=4, help="global batch, one sample per micro-batch")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[3] / "data/sample/chats.jsonl"))
