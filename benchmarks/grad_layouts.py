@@ -9,7 +9,10 @@ the visible GPUs, in bf16 by default.
 
 Writes ``<out>/<layout>/summary.json`` + ``grads.pt`` per layout and ``<out>/grad_layouts.md`` / ``.json``
 (relative differences to the single-rank run). Exit status 1 when a layout differs by more than the
-tolerance (fp32: 1e-5 for loss and gradient norm, 1e-3 per tensor; bf16: 2e-2, 2e-2 and 5e-2).
+tolerance: fp32 1e-5 for loss and gradient norm, 1e-3 per tensor; bf16 2e-2 for loss and gradient norm,
+and per tensor max(2 x that tensor's bf16-vs-fp32 difference at one rank, 5e-2), for which the single
+rank also runs in fp32 (in bf16 the routers and the experts behind them move by tens of percent with
+rounding alone).
 """
 from __future__ import annotations
 
