@@ -368,6 +368,7 @@ def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
+    from qnext.errors import UserError
     from qnext.megatron.attention import SDPAttention
     from qnext.megatron.config import hf_to_transformer_config
 
@@ -393,8 +394,12 @@ def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert all(torch.equal(a, b) for a, b in zip(results["loop"], results["varlen"]))
     monkeypatch.setenv("QNEXT_PACKED_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="QNEXT_PACKED_ATTENTION"):
+    with pytest.raises(UserError, match="QNEXT_PACKED_ATTENTION"):
         attn(*base, None, packed_seq_params=psp)
+    from qnext.megatron.train import prepare
+
+    with pytest.raises(UserError, match="QNEXT_PACKED_ATTENTION='fast'"):  # the entry stops before any model is built
+        prepare(["model=tiny_qwen3_next", "parallel=1gpu"], world_size=1)
 
 
 def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):

@@ -32,9 +32,12 @@ def packed_attention_mode() -> str:
     (``benchmarks/packed_attention.py``), so the per-sample loop stays the default."""
     import os
 
+    from ..errors import UserError
+
     mode = os.environ.get("QNEXT_PACKED_ATTENTION", "loop")
     if mode not in ("loop", "masked", "varlen"):
-        raise ValueError(f"QNEXT_PACKED_ATTENTION={mode!r}: use 'loop', 'masked' or 'varlen'")
+        raise UserError(f"QNEXT_PACKED_ATTENTION={mode!r} is not a packed-attention mode",
+                        hint="use loop (the default), masked or varlen, or unset it")
     return mode
 
 

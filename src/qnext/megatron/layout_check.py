@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -201,6 +202,10 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if not Path(args.megatron_ckpt).is_dir():
         raise UserError(f"--megatron-ckpt {args.megatron_ckpt}: no such directory",
                         hint="convert the --hf checkpoint first: make convert HF=<hf dir> OUT=<dir>")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (args.tp * args.pp) or world % (args.ep * args.etp * args.pp):
+        raise UserError(f"{world} rank(s) do not fit --tp {args.tp} --pp {args.pp} --ep {args.ep} --etp {args.etp}",
+                        hint="start torchrun with --nproc-per-node a multiple of tp x pp and of ep x etp x pp")
     cpu = args.device == "cpu"
     p = ParallelSizes(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sequence_parallel=args.sp)
     initialize_parallel(p, seed=args.seed, backend="gloo" if cpu else None)

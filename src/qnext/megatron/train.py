@@ -108,8 +108,10 @@ def prepare(overrides: Sequence[str], world_size: Optional[int] = None, use_te: 
     from .spec import te_importable
 
     from ..metrics import profile_step_wanted
+    from .attention import packed_attention_mode
 
     profile_step_wanted(0)  # a malformed QNEXT_PROFILE_STEP fails here, not after the model loaded
+    packed_attention_mode()  # likewise QNEXT_PACKED_ATTENTION
     cfg = load_config(list(overrides))
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.parallel.backend != "megatron":
