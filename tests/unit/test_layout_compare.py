@@ -35,5 +35,10 @@ def test_compare_reports_each_tensor_against_its_bf16_limit(tmp_path):
     assert noisy["worst_excess_tensor"] == "norm" and noisy["worst_excess"] == pytest.approx(0.199 / 1.001 / 0.05)
     assert noisy["worst_excess_limit"] == pytest.approx(0.05)
     assert "its bf16 limit" in markdown([noisy]) and "`norm` 3.98 (limit 5.0e-02)" in markdown([noisy])
+    # a layout off only where bf16 rounding alone moves things by 40%: 50% is within 2 x 40%
+    _run(tmp_path / "ep2", {"router": torch.tensor([0.9, 0.0]), "norm": bf16["norm"].clone()}, 2.0, {"ep": 2})
+    [router_only] = compare([tmp_path / "ref", tmp_path / "ep2"], noise=tmp_path / "fp32", floor=0.05)
+    assert router_only["worst_excess_tensor"] == "router"
+    assert router_only["worst_excess"] == pytest.approx(0.5 / 0.8) and router_only["worst_excess_limit"] == pytest.approx(0.8)
     with pytest.raises(UserError, match="no summary.json"):
         compare([tmp_path / "ref", tmp_path / "missing"])

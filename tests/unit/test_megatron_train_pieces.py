@@ -374,3 +374,6 @@ def test_disk_check_refuses_a_disk_that_cannot_hold_one_checkpoint():
     note = disk_check(need, 120 * gib, keep=2, where="/ckpt")
     assert note is not None and "keeping 2" in note
     assert disk_check(need, 400 * gib, keep=2, where="/ckpt") is None
+    with pytest.raises(UserError):  # the boundary: one byte short of one checkpoint
+        disk_check(need, need - 1, keep=0, where="/ckpt")
+    assert "fits" in disk_check(need, need, keep=0, where="/ckpt")  # exactly one fits, the next write would not
