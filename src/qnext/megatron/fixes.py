@@ -29,24 +29,32 @@ call the same function with other groups, are not used here and were not checked
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 
-def install_router_token_count_fix() -> bool:
-    """Wrap megatron's ``get_tokens_per_expert_and_token_count`` as the router imported it; idempotent.
-    Returns True when the wrapper is (now) in place. ``QNEXT_MEGATRON_FIXES=0`` leaves megatron as it is
-    (to measure what the fix changes)."""
+def _install(module_name: str, attr: str, wrap) -> bool:
+    """Replace ``module_name.attr`` by ``wrap(original)`` once (the wrapper is marked ``qnext_fixed``);
+    True when the replacement is (now) in place. ``QNEXT_MEGATRON_FIXES=0`` leaves megatron as it is (to
+    measure what a fix changes), and a megatron without the function is left alone too."""
     if os.environ.get("QNEXT_MEGATRON_FIXES", "1") == "0":
         return False
     try:
-        from megatron.core.transformer.moe import router
+        module = importlib.import_module(module_name)
     except ImportError:
         return False
-    original = getattr(router, "get_tokens_per_expert_and_token_count", None)
+    original = getattr(module, attr, None)
     if original is None:
         return False
-    if getattr(original, "qnext_fixed", False):
-        return True
+    if not getattr(original, "qnext_fixed", False):
+        fixed = wrap(original)
+        fixed.qnext_fixed = True
+        setattr(module, attr, fixed)
+    return True
+
+
+def _router_token_count(original):
+    """megatron's ``get_tokens_per_expert_and_token_count`` with the group's total as the multiplier (above)."""
 
     @functools.wraps(original)
     def fixed(routing_map, reduce_group, topk=None, with_padding_mask=False):
@@ -57,9 +65,13 @@ def install_router_token_count_fix() -> bool:
             local_num = total_num / size
         return global_tokens, local_num, total_num
 
-    fixed.qnext_fixed = True  # type: ignore[attr-defined]
-    router.get_tokens_per_expert_and_token_count = fixed
-    return True
+    return fixed
+
+
+def install_router_token_count_fix() -> bool:
+    """Wrap megatron's ``get_tokens_per_expert_and_token_count`` as the router imported it; idempotent."""
+    return _install("megatron.core.transformer.moe.router", "get_tokens_per_expert_and_token_count",
+                    _router_token_count)
 
 
 def _thd_rope_vectorized(original):
@@ -95,25 +107,13 @@ def _thd_rope_vectorized(original):
             t.unsqueeze(1), freqs[positions], rotary_interleaved=rotary_interleaved,
             mla_rotary_interleaved=mla_rotary_interleaved, mscale=mscale).squeeze(1)
 
-    rope_thd.qnext_fixed = True  # type: ignore[attr-defined]
     return rope_thd
 
 
 def install_thd_rope_vectorized() -> bool:
-    """Replace megatron's per-sequence ``thd`` RoPE loop by ``_thd_rope_vectorized``; idempotent.
-    ``QNEXT_MEGATRON_FIXES=0`` leaves megatron as it is."""
-    if os.environ.get("QNEXT_MEGATRON_FIXES", "1") == "0":
-        return False
-    try:
-        from megatron.core.models.common.embeddings import rope_utils
-    except ImportError:
-        return False
-    original = getattr(rope_utils, "_apply_rotary_pos_emb_thd", None)
-    if original is None:
-        return False
-    if not getattr(original, "qnext_fixed", False):
-        rope_utils._apply_rotary_pos_emb_thd = _thd_rope_vectorized(original)
-    return True
+    """Replace megatron's per-sequence ``thd`` RoPE loop by ``_thd_rope_vectorized``; idempotent."""
+    return _install("megatron.core.models.common.embeddings.rope_utils", "_apply_rotary_pos_emb_thd",
+                    _thd_rope_vectorized)
 
 
 def install_all() -> None:
