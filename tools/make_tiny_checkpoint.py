@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", help="float32 (default) | bfloat16 | float16")
     ap.add_argument("--shard-mb", type=float, default=50.0, help="max shard size in MiB (default 50)")
     ap.add_argument("--with-mtp", action="store_true", help="also write the MTP block (mtp.*) as the real checkpoint has")
+    ap.add_argument("--perturb", action="store_true",
+                    help="move norms, dt_bias and A_log off their initial values (for tests comparing implementations)")
     ap.add_argument("--tokenizer", default=None, help="copy this tokenizer directory (default: built-in Qwen3-Next)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config.json key (JSON value), repeatable")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = write_tiny_checkpoint(args.out, config_path=args.config, seed=args.seed, dtype=args.dtype,
                                 max_shard_bytes=int(args.shard_mb * 2**20), overrides=dict(map(_override, args.overrides)),
-                                overwrite=args.overwrite, with_mtp=args.with_mtp, tokenizer_path=args.tokenizer,
+                                overwrite=args.overwrite, with_mtp=args.with_mtp, perturb=args.perturb, tokenizer_path=args.tokenizer,
                                 max_total_bytes=int(args.max_total_gib * 2**30))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     n_shards = len(set(index["weight_map"].values()))

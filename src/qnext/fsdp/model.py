@@ -72,6 +72,8 @@ class CausalLMLoss(nn.Module):
         # position t predicts token t+1 (labels are not shifted by the data pipeline)
         target = labels[:, 1:]
         keep = target != IGNORE_INDEX
+        if position_ids is not None:  # packed rows: a chat's last token does not predict the next chat's first
+            keep = keep & (position_ids[:, 1:] != 0)
         picked = hidden[:, :-1][keep]
         logits = lm.lm_head(picked).float()
         ce_sum = F.cross_entropy(logits, target[keep], reduction="sum")

@@ -50,12 +50,31 @@ def _modeling():
     return modeling_qwen3_next
 
 
+def _binding(mod, name: str):
+    """The kernel a name calls: behind qnext's packed-sequence wrapper (``hf_packed``), what it wraps."""
+    from .hf_packed import is_packed_binding
+
+    fn = getattr(mod, name)
+    return fn.previous if is_packed_binding(fn) else fn
+
+
+def _rebind(mod, name: str, fn) -> None:
+    """Bind ``name`` to ``fn``, under the packed-sequence wrapper when there is one."""
+    from .hf_packed import is_packed_binding
+
+    current = getattr(mod, name)
+    if is_packed_binding(current):
+        current.previous = fn
+    else:
+        setattr(mod, name, fn)
+
+
 def gdn_kernels() -> dict[str, str]:
-    """What each GDN entry point calls now: ``"torch"`` or the kernel's qualified name."""
+    """What each GDN entry point calls now (for unpacked rows): ``"torch"`` or the kernel's qualified name."""
     mod = _modeling()
     out = {}
     for name in GDN_KERNEL_NAMES:
-        fn = getattr(mod, name)
+        fn = _binding(mod, name)
         torch_fn = inspect.unwrap(fn)
         impl = torch_fn if fn is torch_fn else inspect.getclosurevars(fn).nonlocals.get("implementation", torch_fn)
         out[name] = "torch" if impl is torch_fn else f"{impl.__module__}.{getattr(impl, '__qualname__', impl)}"
@@ -71,16 +90,16 @@ def force_torch_gdn_path() -> dict[str, object]:
     mod = _modeling()
     previous = {}
     for name in GDN_KERNEL_NAMES:
-        fn = getattr(mod, name)
+        fn = _binding(mod, name)
         previous[name] = fn
-        setattr(mod, name, inspect.unwrap(fn))
+        _rebind(mod, name, inspect.unwrap(fn))
     return previous
 
 
 def restore_gdn_path(previous: dict[str, object]) -> None:
     mod = _modeling()
     for name, fn in previous.items():
-        setattr(mod, name, fn)
+        _rebind(mod, name, fn)
 
 
 @contextlib.contextmanager
@@ -97,7 +116,8 @@ def load_hf_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                   strict: bool = True, **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` on an HF checkpoint directory, moved to ``device``.
 
-    On CPU the torch GDN path is forced first. ``strict``: a tensor the model expects but the
+    On CPU the torch GDN path is forced first. Packed rows (``cu_seq_lens_q`` / ``cu_seqlens`` from
+    ``qnext.fsdp.model.batch_to_device``) keep their chats apart: ``hf_packed.install`` runs first. ``strict``: a tensor the model expects but the
     checkpoint lacks is an error (transformers would silently initialise it at random); the MTP
     tensors (``mtp.*``), which transformers does not use, are ignored.
     """
@@ -106,6 +126,9 @@ def load_hf_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
         raise UserError(f"{p} is not an HF checkpoint directory (no config.json)",
                         hint="point at a directory with config.json and *.safetensors (e.g. tools/make_tiny_checkpoint.py)")
     dev = torch.device(device)
+    from . import hf_packed
+
+    hf_packed.install()
     if dev.type == "cpu":
         force_torch_gdn_path()
     from transformers import AutoModelForCausalLM

@@ -71,6 +71,21 @@ def init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> tor
     return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
+PERTURB_STD = 0.1
+
+
+def perturb_tensor(name: str, t: torch.Tensor, seed: int) -> torch.Tensor:
+    """``t`` moved off transformers' initial value where that value is a constant (norms, ``dt_bias``)
+    or a plain draw (``A_log``): + normal(0, 0.1) from a generator seeded by (seed, "perturb", name).
+
+    Test checkpoints need it: with every norm at its initial zeros/ones, a swapped q_norm/k_norm rule
+    or a ``1 - w`` for ``w - 1`` in the GDN norm gives the very same logits."""
+    if not name.endswith(("norm.weight", "dt_bias", "A_log")):
+        return t
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:perturb:{name}".encode()).digest()[:8], "big") >> 1)
+    return t + PERTURB_STD * torch.randn(t.shape, generator=g)
+
+
 def plan_shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
     """Greedy in order, as transformers shards: a new shard when the next tensor would overflow."""
     shards: list[list[str]] = [[]]
@@ -108,12 +123,14 @@ def generation_config(cfg: dict) -> dict:
 def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.PathLike = DEFAULT_CONFIG, seed: int = 0,
                           dtype: str | torch.dtype = "float32", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                           overrides: dict | None = None, overwrite: bool = False, with_mtp: bool = False,
-                          tokenizer_path: str | os.PathLike | None = None, with_tokenizer: bool = True,
+                          perturb: bool = False, tokenizer_path: str | os.PathLike | None = None, with_tokenizer: bool = True,
                           max_total_bytes: int | None = MAX_TOTAL_BYTES) -> Path:
     """Write a random Qwen3-Next checkpoint to ``out_dir`` (atomically) and return its path.
 
     ``overrides`` patch config.json keys (e.g. ``{"vocab_size": 512}`` for fast tests).
     ``tokenizer_path``: copy that directory's tokenizer instead of the built-in Qwen3-Next one.
+    ``perturb``: move every norm, ``dt_bias`` and ``A_log`` off its initial value (:func:`perturb_tensor`),
+    so that norm conventions show in the logits (what tests that compare two implementations need).
     ``max_total_bytes``: refuse larger checkpoints (None: no limit, for real-width proxies on purpose).
     """
     from safetensors.torch import save_file
@@ -142,7 +159,10 @@ def write_tiny_checkpoint(out_dir: str | os.PathLike, config_path: str | os.Path
         weight_map = {}
         for k, names in enumerate(shards, start=1):
             fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {n: init_tensor(n, shapes[n], seed, std).to(torch_dtype) for n in names}
+            tensors = {n: init_tensor(n, shapes[n], seed, std) for n in names}
+            if perturb:
+                tensors = {n: perturb_tensor(n, t, seed) for n, t in tensors.items()}
+            tensors = {n: t.to(torch_dtype) for n, t in tensors.items()}
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in names})
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
