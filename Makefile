@@ -29,6 +29,10 @@ parity: ## HF <-> Megatron logits of the converted tiny checkpoint at TP1/TP2/EP
 grad-layouts: ## one training step's loss + every gradient at 1 rank, TP2, EP2, ETP2, PP2, TP2xEP2 (CPU, or the GPUs there are)
 	$(PY) benchmarks/grad_layouts.py --out $(or $(OUT),runs/grad_layouts) $(ARGS)
 
+.PHONY: mutants
+mutants: ## put each named bug (tests/mutants.py) into a copy of the repo and check the CPU tests catch it [ARGS="--only NAME"]
+	$(PY) tests/mutants.py $(ARGS)
+
 .PHONY: test-gpu
 test-gpu: ## run the GPU tests (needs CUDA GPUs)
 	$(PY) -m pytest -q -m gpu tests

@@ -78,7 +78,8 @@ def compare(root, device: torch.device, vocab: int) -> dict[str, float]:
     """Max differences between packed and solo: logits, per-chat loss, CausalLMLoss sum, gradients."""
     chats = make_chats(vocab)
     rows = pack_rows(chats)
-    params = [p for p in root.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in root.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
 
     root.zero_grad(set_to_none=True)
     batch = packed_batch(rows, device)
@@ -113,6 +114,11 @@ def compare(root, device: torch.device, vocab: int) -> dict[str, float]:
             i += 1
     res["loss_sum_rel"] = abs(float(ce_packed.detach()) - ce_solo_total) / abs(ce_solo_total)
     res["token_count_diff"] = float(abs(int(n_packed) - n_solo))
-    res["grad_rel"] = max(float((a - p.grad).norm() / p.grad.norm().clamp_min(1e-30)) for a, p in zip(g_packed, params))
+    per_tensor = {n: float((a - p.grad).norm() / p.grad.norm().clamp_min(1e-30)) for a, (n, p) in zip(g_packed, named)}
+    res["grad_rel"] = max(per_tensor.values())  # worst tensor
+    res["grad_worst"] = max(per_tensor, key=per_tensor.get)  # type: ignore[arg-type]
+    diff = torch.cat([(a - p.grad).flatten().double() for a, p in zip(g_packed, params)])
+    res["grad_global_rel"] = float(diff.norm() / torch.cat([p.grad.flatten().double() for p in params]).norm())
+    res["grad_rel_by_tensor"] = dict(sorted(per_tensor.items(), key=lambda kv: -kv[1])[:6])
     root.zero_grad(set_to_none=True)
     return res

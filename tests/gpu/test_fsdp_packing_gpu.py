@@ -3,7 +3,8 @@ transformers' Qwen3-Next runs fla's kernels: packed rows go through fla's varlen
 short convolution (``qnext.models.hf_packed``), each chat alone through transformers' own path
 (fla's delta rule without boundaries, torch's convolution).
 
-float32 must agree as on the CPU (1e-5); bf16 is printed and held to bf16 rounding.
+float32 logits and losses must agree as on the CPU (1e-5), all gradients together to 2e-3 (relative
+L2); bf16 is printed and held to bf16 rounding.
 Run: ``pytest -q -m gpu tests/gpu/test_fsdp_packing_gpu.py -s`` (after ``make patch`` on Hopper).
 """
 from __future__ import annotations
@@ -59,4 +60,6 @@ def test_packed_rows_equal_each_chat_alone_on_gpu(ckpt, dtype, tol):
     else:
         for key in ("logits", "chat_loss", "hand_vs_module", "loss_sum_rel"):
             assert res[key] < tol, (key, res)
-        assert res["grad_rel"] < 1e-4, res
+        # gradients: fla's varlen and fixed-length backward kernels round differently (TF32 dots); a leak
+        # moves them by O(1) (163% on the CPU without the patch). The worst single tensor is printed.
+        assert res["grad_global_rel"] < 2e-3, res

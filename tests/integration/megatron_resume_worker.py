@@ -59,7 +59,7 @@ def main(mode: str) -> dict:
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     from qnext.megatron.parallel import construction_device, initialize_parallel
-    from qnext.megatron.train import (adam_state_report, prime_adam_states, restore_adam_steps, unshare_adam_steps,
+    from qnext.megatron.train import (adam_state_report, load_with_adam_state, prime_adam_states, unshare_adam_steps,
                                       use_fused_adam)
 
     initialize_parallel()
@@ -124,25 +124,36 @@ def main(mode: str) -> dict:
 
     model2, ddp2, opt2 = build(1, fused=fused)  # other initial weights: everything must come from the "checkpoint"
     out: dict = {"mode": mode}
-    try:
-        if mode != "no-prime":
-            prime_adam_states(opt2)
+
+    def load(model, optimizer):
+        """What megatron's load_checkpoint does to the optimizer and weights, from memory; (iteration, flops)."""
         with construction_device("cpu"), torch.no_grad():
-            opt2.sharded_state_dict(model2.sharded_state_dict(), is_loading=True, metadata=meta)
-            opt2.load_state_dict(loaded["optimizer"])
-            model2.a.weight.copy_(loaded["model"]["a.weight"])
-            model2.b.weight.copy_(loaded["model"]["b.weight"])
+            optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=meta)
+            optimizer.load_state_dict(loaded["optimizer"])
+            model.a.weight.copy_(loaded["model"]["a.weight"])
+            model.b.weight.copy_(loaded["model"]["b.weight"])
+        if mode == "step-zero":  # a load that restored the wrong step count
+            for o in _torch_opts(optimizer):
+                for s in o.state.values():
+                    s["step"] = torch.tensor(0.0)
+        out["after_load"] = adam_state_report(optimizer)
+        return 3, 0
+
+    try:
+        if mode in ("no-prime", "no-unshare"):  # the repairs one by one, each left out once
+            if mode != "no-prime":
+                prime_adam_states(opt2)
+            load(model2, opt2)
+            if mode != "no-unshare":
+                unshare_adam_steps(opt2)
+        else:  # exactly what the training entry runs around megatron's load_checkpoint
+            said: list[str] = []
+            load_with_adam_state(load, model2, opt2, resuming=True, fused=fused, say=said.append)
+            out["said"] = said
+            out["restored"] = int(said[0].split(" in ")[-1].split()[0]) if "step set to" in said[0] else 0
     except AssertionError as err:
         out["load_error"] = f"AssertionError {err}"
         return out
-    if mode != "no-unshare":
-        unshare_adam_steps(opt2)
-    if mode == "step-zero":  # a load that restored the wrong step count
-        for o in _torch_opts(opt2):
-            for s in o.state.values():
-                s["step"] = torch.tensor(0.0)
-    out["after_load"] = adam_state_report(opt2)
-    out["restored"] = restore_adam_steps(opt2, 3) if mode in ("fixed", "step-zero", "fused", "fused-vs-foreach") else 0
     if fused:
         out["fused_flag_from_load"] = [g.get("fused") for o in _torch_opts(opt2) for g in o.param_groups]
         out["fused_groups"] = use_fused_adam(opt2)

@@ -1,6 +1,8 @@
 """Tiny HF Qwen3-Next checkpoints for the conversion tests: ``qnext.models.tiny`` (hub layout,
 per-expert tensors, safetensors library, index.json, config, tokenizer) with a small vocabulary,
-and one GDN output-norm value where w - 1 + 1 != w, so the exact-restore path is exercised."""
+every norm, ``dt_bias`` and ``A_log`` moved off its initial value (``perturb``: otherwise a swapped
+q_norm/k_norm rule or a ``1 - w`` norm shift gives the same logits), and one GDN output-norm value
+where w - 1 + 1 != w, so the exact-restore path is exercised."""
 from __future__ import annotations
 
 import json
@@ -23,9 +25,10 @@ def small_config(**overrides) -> dict:
 
 
 def write_hf_checkpoint(out: Path, overrides: dict | None = SMALL, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                        with_mtp: bool = True, max_shard_bytes: int = 300_000, odd_norm: bool = True) -> Path:
+                        with_mtp: bool = True, max_shard_bytes: int = 300_000, odd_norm: bool = True,
+                        perturb: bool = True) -> Path:
     out = write_tiny_checkpoint(out, seed=seed, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                overrides=overrides, with_mtp=with_mtp)
+                                overrides=overrides, with_mtp=with_mtp, perturb=perturb)
     if odd_norm:
         shard = out / json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][ODD_NORM]
         tensors = load_file(str(shard))
