@@ -5,11 +5,12 @@
   its merge and its ``sharded_state_dict`` entries (torch_dist checkpoints).
 - ``apply``: ``apply_lora`` / ``merge_lora`` / ``unmerge_lora`` / ``remove_lora`` on a model.
 - ``peft_io``: export to and load from a PEFT adapter directory (from a live model, or offline from
-  a torch_dist checkpoint, where the LoRA tensors are stored in HF layout).
+  a torch_dist checkpoint, where the LoRA tensors are stored in HF layout); the directory format
+  itself is ``qnext.peft_format``.
 
 Typical use (after ``qnext.megatron.model.build_model`` + ``load_torch_dist``)::
 
-    apply_lora(model, hf_config, recipe.train.lora, seed=recipe.train.seed)
+    apply_lora(model, recipe.train.lora, hf_config=hf_config, seed=recipe.train.seed)
     ...train...
     export_peft_adapter(model, "out/adapter", base_model=hf_checkpoint)
 """

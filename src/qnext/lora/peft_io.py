@@ -18,7 +18,7 @@ import torch
 
 from ..config.schema import LoraConfig
 from ..errors import UserError
-from ..export import ADAPTER_WEIGHTS, read_adapter
+from ..peft_format import ADAPTER_WEIGHTS, read_adapter
 from ..fsutil import atomic_dir
 from .apply import decoder_layers, lora_config_of, lora_modules
 from .plan import COLUMN, HF_LAYER, linear_modules, peft_targets, shared_expert_targets, target_matches
