@@ -431,3 +431,16 @@ def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):
         outs.append((y.detach(), x.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert not torch.equal(outs[0][0][:, :, :8], x0[:, :, :8]) and torch.equal(outs[0][0][:, :, 8:], x0[:, :, 8:])
+
+
+def test_another_megatron_core_version_is_warned_about_once(monkeypatch):
+    from qnext.megatron import fixes
+
+    monkeypatch.setattr(fixes, "_version_checked", False)
+    with pytest.warns(RuntimeWarning, match="megatron-core 0.20.0 is installed"):
+        assert "0.20.0" in fixes.check_megatron_core_version("0.20.0")
+    assert fixes.check_megatron_core_version("0.20.0") is None  # once per process
+    monkeypatch.setattr(fixes, "_version_checked", False)
+    assert fixes.check_megatron_core_version(fixes.PINNED_MEGATRON_CORE) is None
+    monkeypatch.setattr(fixes, "_version_checked", False)
+    assert fixes.check_megatron_core_version() is None  # this environment has the pinned version

@@ -31,6 +31,34 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
+
+PINNED_MEGATRON_CORE = "0.19.2"  # the version every fix here was measured against (pyproject.toml's pin)
+_version_checked = False
+
+
+def check_megatron_core_version(installed: str | None = None) -> str | None:
+    """Warn once per process when the installed megatron-core is not the pinned one: each fix names
+    behaviour of that version, and another one may have fixed, moved or changed what is patched.
+    Returns the warning text (None when the versions match or it was already said)."""
+    global _version_checked
+    if _version_checked:
+        return None
+    _version_checked = True
+    if installed is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("megatron-core")
+        except PackageNotFoundError:
+            return None
+    if installed == PINNED_MEGATRON_CORE:
+        return None
+    text = (f"megatron-core {installed} is installed; qnext.megatron.fixes and resume were written and checked for "
+            f"{PINNED_MEGATRON_CORE}. Re-run `make grad-layouts` and the resume tests before trusting a run, "
+            "or install the pinned version (make setup)")
+    warnings.warn(text, RuntimeWarning, stacklevel=2)
+    return text
 
 
 def _install(module_name: str, attr: str, wrap) -> bool:
@@ -117,6 +145,7 @@ def install_thd_rope_vectorized() -> bool:
 
 
 def install_all() -> None:
-    """Every run-time correction in this module (each is idempotent)."""
+    """Every run-time correction in this module (each is idempotent); warns once on another megatron-core."""
+    check_megatron_core_version()
     install_router_token_count_fix()
     install_thd_rope_vectorized()
