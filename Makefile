@@ -54,17 +54,22 @@ bench-kernels: ## time + parity tables for attention, MoE experts, GDN (GPU); wr
 	$(PY) benchmarks/kernels.py
 
 .PHONY: convert
-convert: ## HF checkpoint -> Megatron torch_dist on CPU: make convert HF=<hf dir> OUT=<dir> [ARGS="--dtype bf16 --overwrite"]
+convert: ## HF checkpoint -> Megatron torch_dist on CPU: make convert HF=<hf dir> OUT=<dir> [ARGS="--dtype bf16 --format slime --overwrite"]
 	@test -n "$(HF)" -a -n "$(OUT)" || { echo 'usage: make convert HF=<hf checkpoint dir> OUT=<output dir> [ARGS="--dtype bf16"]' >&2; exit 2; }
 	$(PY) tools/convert_hf_to_torch_dist.py --hf "$(HF)" --out "$(OUT)" $(ARGS)
 
 .PHONY: export
-export: ## torch_dist -> HF safetensors (original names/sharding): make export CKPT=<dir> OUT=<dir> [ARGS="--like <hf dir>"]
+export: ## torch_dist -> HF safetensors (original names/sharding): make export CKPT=<dir> OUT=<dir> [ARGS="--like <hf dir> --format slime"]
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo 'usage: make export CKPT=<torch_dist checkpoint> OUT=<output dir> [ARGS="--like <original hf dir>"]' >&2; exit 2; }
 	$(PY) tools/convert_torch_dist_to_hf.py --ckpt "$(CKPT)" --out "$(OUT)" $(ARGS)
 
+.PHONY: relayout
+relayout: ## torch_dist in one layout -> the other, no HF in between: make relayout CKPT=<dir> OUT=<dir> TO=slime|megatron [ARGS="--hf-meta <hf dir>"]
+	@test -n "$(CKPT)" -a -n "$(OUT)" -a -n "$(TO)" || { echo 'usage: make relayout CKPT=<torch_dist checkpoint> OUT=<output dir> TO=slime|megatron [ARGS="--hf-meta <hf dir>"]' >&2; exit 2; }
+	$(PY) tools/convert_torch_dist_format.py --ckpt "$(CKPT)" --out "$(OUT)" --to "$(TO)" $(ARGS)
+
 .PHONY: model-args
-model-args: ## regenerate models/<name>.sh (Megatron-LM / slime MODEL_ARGS) from models/*/config.json
+model-args: ## regenerate models/<name>.sh (Megatron-LM) and models/<name>.slime.sh (slime) MODEL_ARGS from models/*/config.json
 	$(PY) tools/gen_model_args.py
 
 .PHONY: plan

@@ -7,14 +7,19 @@
 #   4. packed attention + RoPE variants: their GPU test, then timed side by side (benchmarks/packed_attention.py, ~2 min)
 #   5. one training step at every layout the GPUs allow against one GPU (benchmarks/grad_layouts.py;
 #      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
+#   6. the opt-in fast paths (QNEXT_GDN_FLA_NATIVE=1, QNEXT_FUSED=1) against their references, and the
+#      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
+#   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline, with a profiled and a
+#      sync-checked step (~6 min)
 # Usage (repo root, packages installed): bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
-#   STEPS=2,3 runs a subset (default 1,2,3,4,5).
+#   STEPS=2,3 runs a subset (default 1,2,3,4,5,6,7). One lent GPU call is 10 minutes and a fresh machine
+#   spends ~5 of them in step 1: run STEPS=1,6 in one call and STEPS=7 in the next, sent at once.
 set -uo pipefail
 kind=${1:?usage: gpu_megatron_checks.sh KIND [OUTDIR]}
 out=${2:-benchmarks/results/gpu_checks_$kind}
 py=${PY:-python3}
-steps=${STEPS:-1,2,3,4,5}
+steps=${STEPS:-1,2,3,4,5,6,7}
 mkdir -p "$out"
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" QNEXT_STACK_DUMP_S=${QNEXT_STACK_DUMP_S:-120}
@@ -45,5 +50,18 @@ fi
 if want 5; then
   step "layout invariance of one training step (writes $out/grad_layouts)"
   timed "$py" benchmarks/grad_layouts.py --out "$out/grad_layouts" 2>&1 | tee "$out/grad_layouts.log" | tail -12
+fi
+if want 6; then
+  step "fast paths against their references; host syncs of a step"
+  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_model_gpu.py -k "fast_paths or packed_attention" -s \
+    -p no:cacheprovider 2>&1 | tee "$out/fast_paths_test.log" | grep -E "rel L2|vs loop|passed|failed|Error" | tail -8
+  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_train_gpu.py -k syncs -s -p no:cacheprovider 2>&1 \
+    | tee "$out/syncs_test.log" | grep -E "planned|UNPLANNED|passed|failed" | tail -30
+fi
+if want 7; then
+  step "LoRA throughput with the fast paths (writes $out/throughput_fast)"
+  QNEXT_GDN_FLA_NATIVE=1 QNEXT_FUSED=1 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fast" \
+    --only megatron:lora,hf:lora --steps 6 --warmup 2 --gbs 2 --timeout 400 --profile --sync-check 2>&1 \
+    | tee "$out/throughput_fast.log" | grep "^\[bench\]"
 fi
 step "done"

@@ -10,9 +10,11 @@ the visible GPUs, in bf16 by default.
 Writes ``<out>/<layout>/summary.json`` + ``grads.pt`` per layout and ``<out>/grad_layouts.md`` / ``.json``
 (relative differences to the single-rank run). Exit status 1 when a layout differs by more than the
 tolerance: fp32 1e-5 for loss and gradient norm, 1e-3 per tensor; bf16 2e-2 for loss and gradient norm,
-and per tensor max(2 x that tensor's bf16-vs-fp32 difference at one rank, 5e-2), for which the single
-rank also runs in fp32 (in bf16 the routers and the experts behind them move by tens of percent with
-rounding alone).
+and per tensor max(2 x that tensor's rounding noise, 5e-2), the noise measured by two more single-rank runs
+of the same step, in fp32 and with the row-parallel products rounded as at TP2 (``--split-k 2``): in bf16
+the routers and the experts behind them move by tens of percent with rounding alone, and GDN's
+A_log/dt_bias gradients are sums that cancel 17-22x. On CPU the runs take megatron's eager path
+(its torch.compile of the GDN input preparation miscompiles bf16 there).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ LAYOUTS = [  # name, ranks, layout_check arguments
     ("tp2_ep2_sp", 4, ["--tp", "2", "--ep", "2"]),
 ]
 TOLERANCE = {"fp32": (1e-5, 1e-5, 1e-3), "bf16": (2e-2, 2e-2, 5e-2)}  # loss, grad norm, worst tensor
+NOISE_RUNS = [("1rank_fp32", 1, ["--dtype", "fp32"]), ("1rank_split2", 1, ["--split-k", "2"])]
 
 
 def make_tiny(out: Path) -> tuple[Path, Path]:
@@ -75,8 +78,8 @@ def main() -> int:
         ap.error(f"unknown layout(s) {unknown}; known: {[n for n, _, _ in LAYOUTS]}")
     ran, skipped = [], []
     layouts = list(LAYOUTS)
-    if dtype == "bf16":  # the single rank in fp32 too: the bf16 rounding noise of every tensor (its limit)
-        layouts.insert(1, ("1rank_fp32", 1, ["--dtype", "fp32"]))
+    if dtype == "bf16":  # the single rank with other valid rounding: each tensor's bf16 rounding noise (its limit)
+        layouts[1:1] = NOISE_RUNS
     for name, ranks, extra in layouts:
         if wanted and name not in wanted and not name.startswith("1rank"):
             continue
@@ -104,8 +107,9 @@ def main() -> int:
     from qnext.fsutil import atomic_write_text
     from qnext.megatron.layout_check import compare, markdown
 
-    noise = args.out / "1rank_fp32" if "1rank_fp32" in ran else None
-    layout_runs = [n for n in ran if n != "1rank_fp32"]
+    noise_names = {n for n, _, _ in NOISE_RUNS}
+    noise = [args.out / n for n in ran if n in noise_names] or None
+    layout_runs = [n for n in ran if n not in noise_names]
     rows = compare([args.out / n for n in layout_runs], noise=noise) if len(layout_runs) > 1 else []
     tol_loss, tol_norm, tol_tensor = TOLERANCE[dtype]
     for r in rows:
@@ -113,7 +117,8 @@ def main() -> int:
         r["ok"] = bool(r["tokens_equal"] and r["loss_rel_diff"] <= tol_loss and r["grad_norm_rel_diff"] <= tol_norm
                        and tensors_ok)
     ref = json.loads((args.out / "1rank" / "summary.json").read_text())
-    tensor_rule = (f"max(2 x its bf16-vs-fp32 difference at one rank, {tol_tensor:g})" if noise else f"{tol_tensor:g}")
+    tensor_rule = (f"max(2 x its largest difference at one rank to the same step in fp32 and with TP2's rounding, "
+                   f"{tol_tensor:g})" if noise else f"{tol_tensor:g}")
     head = (f"Model `{hf}` ({ref['mode']}, {dtype}, {device}{f' x{gpus}' if gpus else ''}), {ref['samples']} samples of "
             f"at most {ref['seq']} tokens, {ref['loss_tokens']} labelled; 1 rank: loss {ref['loss']:.6f}, "
             f"grad norm {ref['grad_norm']:.6f} over {ref['tensors']} tensors. Tolerance (relative): loss {tol_loss:g}, "

@@ -71,7 +71,7 @@ def main() -> int:
     from qnext.megatron.attention import SDPAttention, varlen_usable
     from qnext.megatron.config import hf_to_transformer_config
     from qnext.fsutil import atomic_write_text
-    from qnext.megatron.fixes import _thd_rope_vectorized
+    from qnext.megatron.compat.thd_rope import _thd_rope_vectorized
 
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

@@ -1,5 +1,5 @@
-# Megatron-LM / slime MODEL_ARGS for tiny_qwen3_next. Generated from models/tiny_qwen3_next/config.json by `make model-args`
-# (tools/gen_model_args.py); edit the generator, not this file.
+# Megatron-LM MODEL_ARGS for tiny_qwen3_next. Generated from models/tiny_qwen3_next/config.json by `make model-args`
+# (tools/gen_model_args.py); edit the generator, not this file. slime users: models/tiny_qwen3_next.slime.sh.
 # Use: source models/tiny_qwen3_next.sh; torchrun ... pretrain_gpt.py "${MODEL_ARGS[@]}" --load <make convert output> ...
 # The converted checkpoint also carries the MTP block (mtp.layers.0.*): add --mtp-num-layers 1 to train it.
 MODEL_ARGS=(
@@ -22,6 +22,8 @@ MODEL_ARGS=(
    --swiglu
    --disable-bias-linear
    --vocab-size 151936
+   --attention-dropout 0
+   --hidden-dropout 0
    --experimental-attention-variant gated_delta_net
    --linear-attention-freq 2
    --linear-conv-kernel-dim 4

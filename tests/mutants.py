@@ -104,13 +104,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "adam_prime_dropped", "Megatron resume: torch Adam's state not primed before megatron's load",
-        "src/qnext/megatron/resume.py",
+        "src/qnext/megatron/compat/adam_resume.py",
         (("    if resuming and optimizer is not None:\n        prime_adam_states(optimizer)\n", ""),),
         (f"{RESUME}::test_resume_is_exact_with_the_repairs",),
     ),
     Mutation(
         "adam_step_restore_dropped", "Megatron resume: Adam's step counts left as megatron's load leaves them",
-        "src/qnext/megatron/resume.py",
+        "src/qnext/megatron/compat/adam_resume.py",
         (("            changed = restore_adam_steps(optimizer, iteration)", "            changed = 0"),),
         (f"{RESUME}::test_resume_is_exact_with_the_repairs",),
     ),

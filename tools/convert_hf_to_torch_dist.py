@@ -6,6 +6,8 @@
 
 The output is a Megatron "release" checkpoint: ``--load <out>`` (Megatron-LM, slime) reads it at
 any TP/EP/ETP/PP. ``<out>/hf/`` keeps config, tokenizer and the original shard layout for export.
+``--format slime`` writes slime's layout instead (what slime's own converter writes; load it with
+``models/<name>.slime.sh``).
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors + index + config.json)")
     ap.add_argument("--out", required=True, help="output checkpoint directory (created; must be empty or new)")
     ap.add_argument("--dtype", default="keep", help="keep (default: as stored) | bf16 | fp16 | fp32")
+    ap.add_argument("--format", default="megatron", dest="fmt",
+                    help="megatron (default: megatron-core's native keys, also Megatron-Bridge's) | slime")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qnext.convert import convert_hf_to_torch_dist
 
-    convert_hf_to_torch_dist(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite,
+    convert_hf_to_torch_dist(args.hf, args.out, dtype=args.dtype, fmt=args.fmt, overwrite=args.overwrite,
                              progress=not args.no_progress)
     return 0
 

@@ -8,6 +8,7 @@ Shard names, tensor->file assignment and dtypes follow ``--like <original HF dir
 recorded at convert time (``<ckpt>/hf/layout.json``), else size-based shards of 5 GB;
 ``--max-shard-size 2GB`` asks for size-based shards explicitly.
 Config, tokenizer and generation config come from ``<ckpt>/hf/`` (or ``--hf-meta`` / ``--like``).
+``--format slime`` reads a checkpoint in slime's layout (slime's converter output or a slime run).
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-meta", default=None, help="directory with config.json + tokenizer (default: <ckpt>/hf)")
     ap.add_argument("--dtype", default="keep",
                     help="keep (default: each tensor in its original HF dtype, else as stored) | bf16 | fp16 | fp32")
+    ap.add_argument("--format", default="megatron", dest="fmt",
+                    help="layout of CKPT: megatron (default: make convert's) | slime")
     ap.add_argument("--max-shard-size", default=None, type=_size,
                     help="size-based shards of at most this size (e.g. 5GB) instead of the original layout")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qnext.convert import export_torch_dist_to_hf
 
-    export_torch_dist_to_hf(args.ckpt, args.out, like=args.like, hf_meta=args.hf_meta, dtype=args.dtype,
+    export_torch_dist_to_hf(args.ckpt, args.out, like=args.like, hf_meta=args.hf_meta, dtype=args.dtype, fmt=args.fmt,
                             max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
                             progress=not args.no_progress)
     return 0

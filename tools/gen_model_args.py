@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Write models/<name>.sh (Megatron-LM / slime MODEL_ARGS) for every model in models/*/config.json.
+"""Write models/<name>.sh (Megatron-LM) and models/<name>.slime.sh (slime) MODEL_ARGS for every model
+in models/*/config.json.
 
   python tools/gen_model_args.py            # (re)write the files
   python tools/gen_model_args.py --check    # exit 1 if a file is missing or stale (CI)
@@ -25,19 +26,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import json
 
-    from qnext.models.megatron_args import registry, render_sh
+    from qnext.models.megatron_args import registry, render_sh, render_slime_sh
 
     models = Path(args.models)
     stale = []
     for name, cfg_path in registry(models).items():
-        text = render_sh(name, cfg_path.relative_to(models.parent).as_posix(), json.loads(cfg_path.read_text()))
-        out = models / f"{name}.sh"
-        if args.check:
-            if not out.is_file() or out.read_text() != text:
-                stale.append(out)
-            continue
-        out.write_text(text)
-        print(f"wrote {out}")
+        rel, cfg = cfg_path.relative_to(models.parent).as_posix(), json.loads(cfg_path.read_text())
+        for out, text in ((models / f"{name}.sh", render_sh(name, rel, cfg)),
+                          (models / f"{name}.slime.sh", render_slime_sh(name, rel, cfg))):
+            if args.check:
+                if not out.is_file() or out.read_text() != text:
+                    stale.append(out)
+                continue
+            out.write_text(text)
+            print(f"wrote {out}")
     if stale:
         print("stale: " + ", ".join(map(str, stale)) + " (run `make model-args`)", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     from qnext.config import load_config, validate_config
-    from qnext.plan import GIB, plan, propose_layouts
+    from qnext.plan import GIB, plan, propose_layouts, resolve_recompute
 
     cfg = load_config(args.overrides)
     if cfg.parallel.backend != "megatron":
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                         hint="pick a Megatron recipe or layout (parallel=8xh100, parallel=4x8, parallel=1gpu)")
     gpus = args.gpus or cfg.parallel.num_nodes * cfg.parallel.num_gpus_per_node
     validate_config(cfg, world_size=gpus, check_files=False)
+    cfg, why = resolve_recompute(cfg, gpus, args.gpu_mem * GIB)
+    if why != "set by the recipe":
+        print(why)
     p = plan(cfg, world_size=gpus)
     print(p.table())
     limit = args.gpu_mem * GIB

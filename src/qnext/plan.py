@@ -44,7 +44,6 @@ from .errors import UserError
 GIB = 2**30
 BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_REPLICATED = ("norm.weight", "A_log", "dt_bias", "mlp.gate.weight", "shared_expert_gate.weight", "conv1d.weight")
 
 
 @dataclass
@@ -65,32 +64,32 @@ class ParamCounts:
 
 
 def count_params(hf: Mapping[str, Any]) -> ParamCounts:
-    """Parameter counts from the weight map's HF tensor shapes (no MTP block: it is not trained)."""
+    """Parameter counts from the weight map's HF tensor shapes, bucketed by each rule's parallel split
+    (``Rule.split``; no MTP block: it is not trained)."""
     from .models.qwen3_next import build_weight_map
+    from .models.weight_map import EXPERT_PARALLEL, REPLICATED
 
     layers = int(hf["num_hidden_layers"])
     pc = ParamCounts(dense_split=[0] * layers, dense_replicated=[0] * layers, experts=[0] * layers)
-    for name, shape in build_weight_map(hf).hf_shapes.items():
-        n = 1
-        for s in shape:
-            n *= int(s)
-        if name == "model.embed_tokens.weight":
-            pc.embedding += n
-        elif name == "lm_head.weight":
-            pc.head += n
-        elif name == "model.norm.weight":
-            pc.final_norm += n
-        else:
-            m = _LAYER.match(name)
-            if m is None:
-                continue  # mtp.* (not in the training model)
-            i = int(m.group(1))
-            if ".mlp.experts." in name:
-                pc.experts[i] += n
-            elif name.endswith(_REPLICATED):
-                pc.dense_replicated[i] += n
-            else:
-                pc.dense_split[i] += n
+    for m in build_weight_map(hf).mappings:
+        for name, shape in zip(m.hf, m.hf_shapes):
+            n = 1
+            for s in shape:
+                n *= int(s)
+            if name == "model.embed_tokens.weight":
+                pc.embedding += n
+            elif name == "lm_head.weight":
+                pc.head += n
+            elif name == "model.norm.weight":
+                pc.final_norm += n
+            elif (layer := _LAYER.match(name)) is not None:  # else mtp.* (not in the training model)
+                i = int(layer.group(1))
+                if m.rule.split == EXPERT_PARALLEL:
+                    pc.experts[i] += n
+                elif m.rule.split == REPLICATED:
+                    pc.dense_replicated[i] += n
+                else:
+                    pc.dense_split[i] += n
     return pc
 
 
@@ -215,6 +214,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     from .models.qwen3_next import Qwen3NextDims
     from .throughput import step_flops as model_step_flops
 
+    if cfg.parallel.recompute == "auto":  # callers normally resolve it first (resolve_recompute)
+        cfg = resolve_recompute(cfg, world_size, None, fused_adam)[0]
     hf = load_hf_config(cfg)
     if fused_adam is None:
         from .megatron.spec import te_importable
@@ -282,6 +283,42 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     if pl.load + pl.buffers > pl.step_peak:
         notes.append("the start-up peak (the checkpoint load's second copy of the weights) exceeds a step's")
     return pl
+
+
+RECOMPUTE_ORDER = ("none", "selective", "full")  # least recomputation (fastest step) first
+AUTO_HEADROOM = 0.95  # a level is chosen when its planned peak (allowances included) is within this share of the GPU
+DEFAULT_GPU_BYTES = 80 * GIB  # for recompute=auto where no GPU is visible (planning on a CPU)
+
+
+def choose_recompute(cfg: RecipeConfig, world_size: int | None, gpu_mem_bytes: Optional[float],
+                     fused_adam: Optional[bool] = None) -> tuple[str, str]:
+    """``parallel.recompute=auto`` made concrete: the first of none, selective, full whose planned peak
+    fits ``AUTO_HEADROOM`` of the GPU (full when none does). Returns the level and why. A recipe that sets
+    the level keeps it. LoRA trains no weights, so its activations are the whole memory question and a
+    one-GPU LoRA run usually needs no recompute at all (the MoE block, the biggest thing selective
+    recompute repeats, then runs once)."""
+    from dataclasses import replace
+
+    if cfg.parallel.recompute != "auto":
+        return cfg.parallel.recompute, "set by the recipe"
+    mem = gpu_mem_bytes or DEFAULT_GPU_BYTES
+    peaks = []
+    for level in RECOMPUTE_ORDER:
+        pl = plan(replace(cfg, parallel=replace(cfg.parallel, recompute=level)), world_size, fused_adam)
+        peaks.append(f"{level} {pl.peak / GIB:.1f}")
+        if pl.peak <= AUTO_HEADROOM * mem:
+            return level, (f"recompute=auto -> {level}: the least recompute whose planned peak fits "
+                           f"{AUTO_HEADROOM:.0%} of {mem / GIB:.0f} GiB (GiB planned: {', '.join(peaks)})")
+    return "full", f"recompute=auto -> full: no level fits {mem / GIB:.0f} GiB (GiB planned: {', '.join(peaks)})"
+
+
+def resolve_recompute(cfg: RecipeConfig, world_size: int | None, gpu_mem_bytes: Optional[float],
+                      fused_adam: Optional[bool] = None) -> tuple[RecipeConfig, str]:
+    """``cfg`` with ``parallel.recompute`` concrete (``choose_recompute``), and the reason."""
+    from dataclasses import replace
+
+    level, why = choose_recompute(cfg, world_size, gpu_mem_bytes, fused_adam)
+    return replace(cfg, parallel=replace(cfg.parallel, recompute=level)), why
 
 
 def check_fits(cfg: RecipeConfig, pl: Plan, gpu_mem_bytes: float, gpus: int) -> Optional[str]:

@@ -42,9 +42,10 @@ def converted(tmp_path_factory):
     return base / "mg"
 
 
-def launch(out: Path, ckpt: Path, *extra: str, timeout: int = 600, mode: str = "full") -> subprocess.CompletedProcess:
+def launch(out: Path, ckpt: Path, *extra: str, timeout: int = 600, mode: str = "full",
+           env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, NPROC=str(torch.cuda.device_count()), QNEXT_SKIP_DOCTOR="1", PY=sys.executable,
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **(env_extra or {}))
     cmd = ["bash", str(REPO / "scripts/run-8gpu.sh"), "model=tiny_qwen3_next", "parallel=1gpu", "data=sample",
            f"train={mode}", f"model.megatron_checkpoint={ckpt}", f"output_dir={out}", "train.steps=6",
            "train.warmup_steps=1", "train.lr=3e-4", "train.min_lr=3e-5", "train.global_batch_size=8",
@@ -156,3 +157,18 @@ def test_lora_lowers_heldout_loss_and_matches_hf_peft(converted, tmp_path):
     assert res["megatron_bf16_vs_hf_peft_fp32"] < tol, res
     assert res["megatron_merged_vs_unmerged_bf16"] < tol, res
     assert res["hf_merged_export_vs_peft_fp32"] < 1e-5, res
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_a_training_step_has_no_unplanned_host_syncs(converted, tmp_path, mode):
+    """Step 3 of a packed run under ``QNEXT_SYNC_CHECK`` (torch's sync debug mode): every place the host
+    waits for the GPU is listed; only the planned ones (``qnext.syncs.PLANNED``: the gradient norm
+    for clipping, once per step) may appear."""
+    out = tmp_path / f"syncs_{mode}"
+    launch(out, converted, "data.pack=true", "data.seq_length=512", "train.steps=3", "train.save_every=0",
+           "train.eval_every=0", "train.save_final=false", mode=mode, env_extra={"QNEXT_SYNC_CHECK": "3"})
+    found = json.loads((out / "syncs_step3_rank0.json").read_text())["syncs"]
+    for r in found:
+        print(f"{r['count']:4d}x {'planned' if r['planned'] else 'UNPLANNED'}: " + " <- ".join(r["frames"][:4]))
+    unplanned = [r for r in found if not r["planned"]]
+    assert not unplanned, f"{len(unplanned)} unplanned sync site(s); first: {unplanned[0]['frames']}"

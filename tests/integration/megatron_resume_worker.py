@@ -59,7 +59,7 @@ def main(mode: str) -> dict:
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     from qnext.megatron.parallel import construction_device, initialize_parallel
-    from qnext.megatron.train import (adam_state_report, load_with_adam_state, prime_adam_states, unshare_adam_steps,
+    from qnext.megatron.compat.adam_resume import (adam_state_report, load_with_adam_state, prime_adam_states, unshare_adam_steps,
                                       use_fused_adam)
 
     initialize_parallel()

@@ -144,7 +144,7 @@ def test_lora_hook_adds_adapters_only(model_and_data):
     from qnext.megatron.checkpoint import model_tensor_keys
     from qnext.megatron.data import forward_step, megatron_batch
     from qnext.megatron.parallel import construction_device
-    from qnext.megatron.train import attach_lora
+    from qnext.megatron.provider import attach_lora
 
     base_model, samples, pad_id, ckpt, cfg = model_and_data
     model = build_loaded(cfg, ckpt)

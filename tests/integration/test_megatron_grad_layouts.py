@@ -88,7 +88,7 @@ def test_layout_gives_the_one_rank_loss_and_gradients(ckpt, reference, name):
 
 
 def test_without_the_router_fix_tp2_doubles_the_router_aux_gradient(ckpt, reference):
-    """What qnext.megatron.fixes corrects: megatron-core alone gives TP2 router gradients whose
+    """What qnext.megatron.compat corrects: megatron-core alone gives TP2 router gradients whose
     load-balancing part (the difference to a run without that loss) is twice the 1-rank one."""
     broken = run_layout(ckpt, "tp2_unfixed", 2, ["--tp", "2"], QNEXT_MEGATRON_FIXES="0")
     no_aux = run_layout(ckpt, "one_rank_no_aux", 1, ["--moe-aux-loss-coeff", "0"])
@@ -121,3 +121,35 @@ def test_lora_gradients_at_tp2_equal_one_ranks(ckpt):
     print(row)
     assert row["loss_rel_diff"] < 1e-6 and row["grad_norm_rel_diff"] < 1e-6, row
     assert row["worst_tensor_rel_l2"] < 1e-4, row
+
+
+def test_bf16_limits_pass_rounding_and_fail_a_halved_head(ckpt, reference):
+    """bf16 on CPU (megatron's torch.compile off there): TP2 against one rank passes with per-tensor limits
+    measured from the same step in fp32 and with TP2's rounding at one rank (``--split-k 2``), and fails
+    when one key head of one layer's GDN query gradient is halved, or one whole tensor doubled."""
+    from qnext.megatron.layout_check import compare
+
+    bf16 = ["--dtype", "bf16"]
+    one = run_layout(ckpt, "bf16_one_rank", 1, bf16)
+    split = run_layout(ckpt, "bf16_one_rank_split2", 1, [*bf16, "--split-k", "2"])
+    tp2 = run_layout(ckpt, "bf16_tp2", 2, [*bf16, "--tp", "2"])
+    s = json.loads((tp2 / "summary.json").read_text())
+    assert s["dtype"] == "bf16" and s["loss"] == s["loss"]  # finite: the CPU miscompile gave NaN
+    [row] = compare([one, tp2], noise=[reference, split])
+    print(row)
+    assert row["tokens_equal"] and row["loss_rel_diff"] < 2e-2 and row["grad_norm_rel_diff"] < 2e-2, row
+    assert row["worst_excess"] <= 1.0, row  # rounding passes
+
+    grads = torch.load(tp2 / "grads.pt")
+    key = next(k for k in grads if k.endswith("layers.0.self_attention.in_proj.weight.query"))
+    head_dim = json.loads((ckpt / "hf/config.json").read_text())["linear_key_head_dim"]
+    for name, change in (("halved_head", lambda t: t[:head_dim].mul_(0.5)), ("doubled", lambda t: t.mul_(2.0))):
+        bad = ckpt / f"bf16_tp2_{name}"
+        bad.mkdir(exist_ok=True)
+        broken = {k: v.clone() for k, v in grads.items()}
+        change(broken[key])
+        torch.save(broken, bad / "grads.pt")
+        (bad / "summary.json").write_text((tp2 / "summary.json").read_text())
+        [row] = compare([one, bad], noise=[reference, split])
+        print(name, row["worst_excess_tensor"], row["worst_excess"])
+        assert row["worst_excess"] > 1.0 and row["worst_excess_tensor"] == key, row

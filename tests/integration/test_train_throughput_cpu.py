@@ -74,5 +74,5 @@ def test_render_writes_the_table_with_ratios_and_targets(tmp_path):
     tt.render(data, tmp_path)
     md = (tmp_path / "train_throughput.md").read_text()
     assert "| 12.0x |" in md and "22.0 (+10%)" in md
-    assert "lora: Megatron / HF pipeline = 12.0x (met)" in md and "(+10%, met)" in md and "allowance 25.0 GiB" in md
+    assert "lora: Megatron / HF pipeline = 12.00x (met, target 2.0x)" in md and "(+10%, met)" in md and "allowance 25.0 GiB" in md
     assert "FSDP backend (this repo) lora: out of memory" in md

@@ -14,7 +14,7 @@ from qnext.eval import EvalPrompt, contains_answer, load_eval_prompts, score
 from qnext.export import lora_deltas, ondisk_value
 from qnext.fsdp.optim import lr_at
 from qnext.fsdp.sampler import GlobalBatchSampler
-from qnext.fsdp.train import plan_output_dir
+from qnext.fsdp.prepare import plan_output_dir
 from qnext.metrics import MetricsLogger, read_metrics
 
 

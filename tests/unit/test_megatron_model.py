@@ -173,7 +173,7 @@ def test_local_stack_modules(world):
     m = _cpu_model(world)
     assert m.qnext_backend == "local"
     layers = m.decoder.layers
-    assert [type(l.self_attention).__name__ for l in layers] == ["GatedDeltaNet", "SelfAttention"] * 2
+    assert [type(l.self_attention).__name__ for l in layers] == ["QnextGatedDeltaNet", "SelfAttention"] * 2
     gdn, attn = layers[0], layers[1]
     assert isinstance(gdn.self_attention, GatedDeltaNet) and isinstance(gdn.input_layernorm, RMSNorm)
     assert type(gdn.self_attention.in_proj) is ColumnParallelLinear
@@ -396,20 +396,20 @@ def test_packed_attention_masked_equals_the_per_sample_loop(monkeypatch):
     monkeypatch.setenv("QNEXT_PACKED_ATTENTION", "fast")
     with pytest.raises(UserError, match="QNEXT_PACKED_ATTENTION"):
         attn(*base, None, packed_seq_params=psp)
-    from qnext.megatron.train import prepare
+    from qnext.megatron.prepare import prepare
 
     with pytest.raises(UserError, match="QNEXT_PACKED_ATTENTION='fast'"):  # the entry stops before any model is built
         prepare(["model=tiny_qwen3_next", "parallel=1gpu"], world_size=1)
 
 
 def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):
-    """qnext.megatron.fixes' RoPE for packed sequences against megatron's per-sequence loop: the same
+    """qnext.megatron.compat' RoPE for packed sequences against megatron's per-sequence loop: the same
     values and gradients, bit for bit, with Qwen3-Next's partial rotary dimension."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from qnext.megatron.fixes import _thd_rope_vectorized, install_thd_rope_vectorized
+    from qnext.megatron.compat.thd_rope import _thd_rope_vectorized, install_thd_rope_vectorized
     from qnext.megatron.parallel import construction_device
 
     assert install_thd_rope_vectorized()
@@ -434,7 +434,7 @@ def test_thd_rope_in_one_pass_is_bit_equal_to_megatrons_loop(world):
 
 
 def test_another_megatron_core_version_is_warned_about_once(monkeypatch):
-    from qnext.megatron import fixes
+    from qnext.megatron.compat import _patching as fixes
 
     monkeypatch.setattr(fixes, "_version_checked", False)
     with pytest.warns(RuntimeWarning, match="megatron-core 0.20.0 is installed"):

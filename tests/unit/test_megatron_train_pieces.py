@@ -158,7 +158,7 @@ def _converted_like(tmp_path: Path, config: Path) -> Path:
 
 
 def test_prepare_needs_a_converted_checkpoint_of_the_same_model(tmp_path):
-    from qnext.megatron.train import prepare
+    from qnext.megatron.prepare import prepare
 
     base = ["recipe=qwen3_next_80b_lora", f"output_dir={tmp_path}/run"]
     with pytest.raises(UserError, match="model.megatron_checkpoint is not set"):
@@ -171,7 +171,8 @@ def test_prepare_needs_a_converted_checkpoint_of_the_same_model(tmp_path):
 
 
 def test_prepare_resolves_and_guards_the_output_dir(tmp_path):
-    from qnext.megatron.train import RUN_MARKER, prepare
+    from qnext.megatron.prepare import prepare
+    from qnext.rundir import RUN_MARKER
 
     conv = _converted_like(tmp_path / "c", REPO / "models/qwen3_next_80b_a3b/config.json")
     run = tmp_path / "run"
@@ -195,7 +196,7 @@ def test_prepare_resolves_and_guards_the_output_dir(tmp_path):
 
 def test_lora_hook_without_the_lora_module_is_a_clear_error(monkeypatch):
     from qnext.config import load_config
-    from qnext.megatron.train import attach_lora
+    from qnext.megatron.provider import attach_lora
 
     monkeypatch.setitem(sys.modules, "qnext.lora", None)  # as in a checkout without qnext/lora
     with pytest.raises(UserError) as err:
@@ -240,7 +241,7 @@ def test_primed_adam_state_is_what_the_first_step_creates_and_has_one_step():
     """Resume without Apex/TE: megatron's DistributedOptimizer.state_dict reads one ``step`` from
     every parameter's torch Adam state, which a fresh optimizer lacks. Primed states must give it
     one step value, and training from them must equal training from a fresh optimizer."""
-    from qnext.megatron.train import prime_adam_states
+    from qnext.megatron.compat.adam_resume import prime_adam_states
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
@@ -279,7 +280,7 @@ def test_adam_resumed_with_one_shared_step_tensor_is_repaired():
     tensor in every parameter's torch Adam state. torch increments it once per parameter per step, so
     the updates after a resume differ from the uninterrupted run's; ``unshare_adam_steps`` restores
     them exactly."""
-    from qnext.megatron.train import unshare_adam_steps
+    from qnext.megatron.compat.adam_resume import unshare_adam_steps
 
     torch.manual_seed(0)
     init = [torch.randn(4, 3), torch.randn(5), torch.randn(2, 2)]
@@ -317,7 +318,7 @@ def test_adam_resumed_with_a_wrong_step_count_is_repaired_from_the_iteration():
     """A resume whose Adam states hold the wrong ``step`` (0, as a primed fresh optimizer has) takes a
     larger step than the uninterrupted run (bias correction of step 1); ``restore_adam_steps`` sets it
     from the checkpoint's iteration and the resumed run equals the uninterrupted one bit for bit."""
-    from qnext.megatron.train import adam_state_report, restore_adam_steps
+    from qnext.megatron.compat.adam_resume import adam_state_report, restore_adam_steps
 
     torch.manual_seed(1)
     init = [torch.randn(4, 3), torch.randn(5)]
@@ -350,7 +351,7 @@ def test_adam_resumed_with_a_wrong_step_count_is_repaired_from_the_iteration():
 
 
 def test_checkpoints_are_written_when_asked_and_only_then():
-    from qnext.megatron.train import should_save
+    from qnext.megatron.checkpoint import should_save
 
     saved = lambda **k: [s for s in range(1, 8) if should_save(s, k.get("stop", 7), 7, k["every"], k["final"])]  # noqa: E731
     assert saved(every=0, final=False) == []  # the benchmark's setting: no checkpoint at all
@@ -361,7 +362,7 @@ def test_checkpoints_are_written_when_asked_and_only_then():
 
 
 def test_disk_check_refuses_a_disk_that_cannot_hold_one_checkpoint():
-    from qnext.megatron.train import checkpoint_bytes, disk_check
+    from qnext.megatron.checkpoint import checkpoint_bytes, disk_check
 
     gib = 1024**3
     # the 4-layer real-width proxy, full training: 7.21e9 bf16 weights + fp32 main copy and two moments

@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
-from qnext.models.megatron_args import flat_args, model_args, registry, render_sh
+import pytest
+
+from qnext.models.megatron_args import flat_args, model_args, registry, render_sh, render_slime_sh
 
 from convert_fixtures import REPO
 
@@ -16,6 +18,8 @@ def test_every_registered_model_has_an_up_to_date_script():
     for name, cfg_path in models.items():
         text = render_sh(name, f"models/{name}/config.json", json.loads(cfg_path.read_text()))
         assert (REPO / "models" / f"{name}.sh").read_text() == text, f"models/{name}.sh is stale: run `make model-args`"
+        slime = render_slime_sh(name, f"models/{name}/config.json", json.loads(cfg_path.read_text()))
+        assert (REPO / "models" / f"{name}.slime.sh").read_text() == slime, f"models/{name}.slime.sh is stale"
 
 
 def test_80b_flags():
@@ -43,3 +47,23 @@ def test_the_script_is_valid_bash():
     out = subprocess.run(["bash", "-c", 'source models/qwen3_next_80b_a3b.sh && echo "${#MODEL_ARGS[@]}"'],
                          cwd=REPO, capture_output=True, text=True, check=True)
     assert int(out.stdout) == len(flat_args(json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text())))
+
+
+@pytest.mark.parametrize("name", ["qwen3_next_80b_a3b", "tiny_qwen3_next"])
+def test_slime_flags_are_what_slimes_provider_accepts(name):
+    """slime 624b824: its provider asserts no --experimental-attention-variant, its spec is given by
+    --spec <module> <function>, --moe-layer-freq is a list; dropout is explicit zero in both files."""
+    cfg = json.loads((REPO / f"models/{name}/config.json").read_text())
+    slime = dict(model_args(cfg, slime=True))
+    assert slime["--spec"] == "slime_plugins.models.qwen3_next get_qwen3_next_spec"
+    assert not any(f.startswith(("--experimental-attention-variant", "--linear-")) for f in slime)
+    assert slime["--moe-layer-freq"] == "[" + ",".join(["1"] * cfg["num_hidden_layers"]) + "]"
+    assert "--use-gated-attention" in slime and "--attention-output-gate" in slime
+    mg = dict(model_args(cfg))
+    for args in (slime, mg):
+        assert (args["--attention-dropout"], args["--hidden-dropout"]) == ("0", "0")
+    argv = flat_args(cfg, slime=True)
+    assert argv[:3] == ["--spec", "slime_plugins.models.qwen3_next", "get_qwen3_next_spec"]
+    out = subprocess.run(["bash", "-c", f'source models/{name}.slime.sh && printf "%s\\n" "${{MODEL_ARGS[@]}}"'],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == argv

@@ -81,7 +81,9 @@ class ParallelConfig:
     etp: int = 1  # expert tensor parallel
     cp: int = 1  # context parallel
     sequence_parallel: bool = False
-    recompute: str = "none"  # none | selective | full
+    # auto: the Megatron backend takes the least recompute whose memory plan fits the GPU (qnext.plan.
+    # choose_recompute; the FSDP backend does not recompute then) | none | selective | full
+    recompute: str = "auto"
     num_gpus_per_node: int = 8
     num_nodes: int = 1
     memory_check: bool = True  # Megatron: refuse to start when the memory plan (qnext.plan) exceeds the GPU

@@ -15,7 +15,7 @@ CHOICES = {
     "parallel.backend": ("megatron", "fsdp"),
     "parallel.device": ("auto", "cuda", "cpu"),
     "parallel.dtype": ("bf16", "fp32"),
-    "parallel.recompute": ("none", "selective", "full"),
+    "parallel.recompute": ("auto", "none", "selective", "full"),
     "data.format": ("chat_jsonl",),
     "data.overlong": ("truncate", "drop"),
     "resume_choices": (),

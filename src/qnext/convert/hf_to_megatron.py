@@ -25,7 +25,8 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, ensure_empty_output_dir
-from ..models.qwen3_next import MODEL_TYPE, Qwen3NextWeightMap, build_weight_map, mtp_layers_in
+from ..models.qwen3_next import MODEL_TYPE, Qwen3NextWeightMap, mtp_layers_in
+from ..models.qwen3_next_formats import MEGATRON, build_format_map, check_format
 from ..models.weight_map import Mapping
 from .dcp_io import DcpWriter, prefetch_dcp_import
 from .megatron_dir import (
@@ -36,6 +37,7 @@ from .megatron_dir import (
     make_world_readable,
     write_backend_config,
     write_common,
+    write_run_config,
     write_tracker,
 )
 from .safetensors_io import ShardHeader, ShardReader, ShardWriter, dtype_name, read_header, shard_files
@@ -97,11 +99,14 @@ class _Inputs:
     had_index: bool
 
 
-def inspect_hf_checkpoint(hf_dir: str | os.PathLike) -> _Inputs:
+def inspect_hf_checkpoint(hf_dir: str | os.PathLike, fmt: str = MEGATRON) -> _Inputs:
     """All checks that need no tensor data. Raises UserError naming the file or tensor at fault."""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise UserError(f"HF checkpoint directory {hf_dir} does not exist", hint="pass HF=<dir with safetensors + config.json>")
+    if (hf_dir / "latest_checkpointed_iteration.txt").is_file() or (hf_dir / ".metadata").is_file():
+        raise UserError(f"{hf_dir} is a Megatron torch_dist checkpoint, not an HF one",
+                        hint="make export turns it into HF safetensors; make relayout changes its layout (ours <-> slime)")
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{cfg_path} is missing", hint="an HF checkpoint directory holds config.json beside the weights")
@@ -134,7 +139,10 @@ def inspect_hf_checkpoint(hf_dir: str | os.PathLike) -> _Inputs:
                 where = f"in {names[name]}" if name in names else "in no shard"
                 raise UserError(f"model.safetensors.index.json puts {name} in {f}, but it is {where}",
                                 hint="re-download the checkpoint (index and shards disagree)")
-    wm = build_weight_map(cfg, mtp_layers=mtp_layers_in(names))
+    if any(n.startswith(("decoder.", "embedding.")) for n in names):
+        raise UserError(f"{hf_dir} holds Megatron tensor names (e.g. {next(iter(names))}), not an HF checkpoint's",
+                        hint="make convert reads HF safetensors; to change a Megatron checkpoint's layout use make relayout")
+    wm = build_format_map(cfg, mtp_layers_in(names), fmt)
     unknown = sorted(set(names) - set(wm.by_hf))
     if unknown:
         raise UserError(
@@ -182,13 +190,16 @@ def convert_hf_to_torch_dist(
     out: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = "keep",
+    fmt: str = MEGATRON,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> ConvertSummary:
     """Convert an HF Qwen3-Next checkpoint directory into a Megatron ``torch_dist`` checkpoint.
 
-    ``dtype``: ``keep`` (default: every tensor as stored) or bf16/fp16/fp32. The result at
+    ``dtype``: ``keep`` (default: every tensor as stored) or bf16/fp16/fp32. ``fmt``: the
+    Megatron-side layout, ``megatron`` (megatron-core's native keys, also Megatron-Bridge's) or
+    ``slime`` (slime's Qwen3-Next spec; see ``qnext.models.qwen3_next_formats``). The result at
     ``out`` is what ``megatron.training``'s ``--load out`` reads (a ``release`` checkpoint), plus
     ``out/hf/`` (config, tokenizer, original shard layout) so that export needs nothing else.
     """
@@ -198,7 +209,7 @@ def convert_hf_to_torch_dist(
     target = parse_dtype(dtype)
     _check_paths(hf_dir, out)
     ensure_empty_output_dir(out, overwrite=overwrite)
-    inputs = inspect_hf_checkpoint(hf_dir)
+    inputs = inspect_hf_checkpoint(hf_dir, check_format(fmt))
     wm = inputs.weight_map
     say = log or (lambda _msg: None)
     stale = sorted(out.parent.glob(f".{out.name}.tmp-*")) if out.parent.is_dir() else []
@@ -255,13 +266,15 @@ def convert_hf_to_torch_dist(
         finally:
             bar.close()
         write_common(it_dir, {"format_version": FORMAT_VERSION, "source": str(hf_dir.resolve()),
-                              "hf_model_type": MODEL_TYPE,
+                              "hf_model_type": MODEL_TYPE, "format": fmt,
                               "dtype": "keep" if target is None else dtype_name(target)})
         write_backend_config(it_dir)
+        if fmt == MEGATRON:  # Megatron-Bridge reads our layout; it needs its run config
+            write_run_config(it_dir, inputs.config, hf_dir.resolve(), mtp=wm.dims.mtp_layers > 0)
         _write_hf_meta(hf_dir, tmp / HF_META, inputs, overrides, target)
         seconds = time.perf_counter() - t0
         record = {
-            "format_version": FORMAT_VERSION, "source": str(hf_dir.resolve()),
+            "format_version": FORMAT_VERSION, "source": str(hf_dir.resolve()), "format": fmt,
             "dtype": "keep" if target is None else dtype_name(target),
             "hf_tensors": len(stored), "megatron_tensors": len(wm.megatron_shapes), "chunks": chunks,
             "objects": len(wm.extra_states), "bytes_read": bytes_read, "bytes_written": writer.bytes_written,

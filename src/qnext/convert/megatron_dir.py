@@ -6,6 +6,7 @@
     .metadata  __<n>_0.distcp ...          DCP metadata + data files
     common.pt                              non-tensor state (checkpoint_version, iteration, ...)
     metadata.json                          {"sharded_backend": "torch_dist", ...}
+    run_config.yaml                        what Megatron-Bridge's loader and AutoBridge read (our layout)
 <ckpt>/hf/                                 config.json, tokenizer, generation_config, the original
                                            index and shard layout, conversion record
 ```
@@ -13,7 +14,11 @@ A ``release`` checkpoint is Megatron's name for converted weights: ``megatron.tr
 at iteration 0 and never looks for optimizer or RNG state in it, with or without ``--finetune``.
 ``common.pt`` is megatron-core's legacy common-state file, which 0.19.2 still reads first (its own
 saves put the same dict in a ``common_state`` object inside the DCP files instead) and which
-older Megatron-LM versions (slime's) require.
+older Megatron-LM versions (slime's) require. ``run_config.yaml`` is Megatron-Bridge's run record
+(read at NVIDIA-NeMo/Megatron-Bridge 067f987): its loader reads ``model.{tensor,pipeline}_model_parallel_size``
+and ``checkpoint.{save_rng,save_optim,fully_parallel_save}`` from it (else it wants pickled ``args`` in
+the common state, which a converted checkpoint does not have), and ``AutoBridge`` builds the model
+config from its ``model`` section.
 """
 from __future__ import annotations
 
@@ -25,8 +30,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
+RUN_CONFIG = "run_config.yaml"
 RELEASE = "release"
 HF_META = "hf"
 CHECKPOINT_VERSION = 3.0  # what megatron.training.checkpointing writes
@@ -102,6 +109,23 @@ def read_common(iteration_dir: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a training run's common.pt holds pickled args: not needed here
         return {}
+
+
+def write_run_config(iteration_dir: Path, hf_config: dict, source: Path | str | None = None, *, mtp: bool = False) -> Path:
+    """Megatron-Bridge's ``run_config.yaml`` for a converted (release, unsharded) checkpoint."""
+    import yaml
+
+    from ..models.megatron_args import bridge_model_config
+
+    run = {
+        "model": bridge_model_config(hf_config, mtp=mtp, hf_model_id=str(source) if source else None),
+        # a release checkpoint carries weights only
+        "checkpoint": {"save_optim": False, "save_rng": False, "fully_parallel_save": False},
+    }
+    path = iteration_dir / RUN_CONFIG
+    atomic_write_text(path, "# written by qnext (make convert) for Megatron-Bridge's checkpoint loader and AutoBridge\n"
+                      + yaml.safe_dump(run, sort_keys=False))
+    return path
 
 
 def write_backend_config(iteration_dir: Path) -> None:

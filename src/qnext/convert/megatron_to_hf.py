@@ -23,7 +23,8 @@ import torch
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, ensure_empty_output_dir
-from ..models.qwen3_next import MODEL_TYPE, build_weight_map
+from ..models.qwen3_next import MODEL_TYPE
+from ..models.qwen3_next_formats import MEGATRON, build_format_map, check_format, require_format
 from .dcp_io import DcpReader
 from .hf_to_megatron import EXACT_FILE, LAYOUT_FILE, _bit_equal, _progress, parse_dtype
 from .megatron_dir import copy_hf_side_files, hf_meta_dir, make_world_readable, resolve_iteration_dir
@@ -101,6 +102,7 @@ def export_torch_dist_to_hf(
     like: str | os.PathLike | None = None,
     hf_meta: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "keep",
+    fmt: str = MEGATRON,
     max_shard_bytes: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -113,7 +115,8 @@ def export_torch_dist_to_hf(
     (default: ``<ckpt>/hf``). ``dtype``: ``keep`` (each tensor in its original HF dtype when
     ``like`` or the convert record knows it, else as stored in the checkpoint) or bf16/fp16/fp32.
     ``max_shard_bytes``: size-based shards of at most this size instead of the recorded layout
-    (also the fallback, at 5 GB, when there is no recorded layout).
+    (also the fallback, at 5 GB, when there is no recorded layout). ``fmt``: the checkpoint's layout,
+    ``megatron`` (ours, Megatron-Bridge's) or ``slime`` (slime's converter and training runs).
     """
     if like is not None and max_shard_bytes is not None:
         raise UserError("--like and --max-shard-size both choose the sharding", hint="pass one of them")
@@ -121,6 +124,7 @@ def export_torch_dist_to_hf(
     say = log or (lambda _msg: None)
     out = Path(out)
     target = parse_dtype(dtype)
+    check_format(fmt)
     it_dir = resolve_iteration_dir(ckpt)
     like = Path(like) if like is not None else None
     record = hf_meta_dir(ckpt)  # what convert kept: config, tokenizer, layout, exact overrides
@@ -137,8 +141,9 @@ def export_torch_dist_to_hf(
 
     reader = DcpReader(it_dir)
     stored = reader.tensors()
+    require_format(stored, fmt, f"checkpoint {it_dir}")
     mtp_in_ckpt = len({k.split(".")[2] for k in stored if k.startswith("mtp.layers.")})
-    wm = build_weight_map(cfg, mtp_layers=mtp_in_ckpt)
+    wm = build_format_map(cfg, mtp_in_ckpt, fmt)
     _check_checkpoint(wm, stored, it_dir)
 
     # layout and dtypes: "keep" = the original HF dtype where known (--like or the convert record),

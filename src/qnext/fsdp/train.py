@@ -12,127 +12,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..config import RecipeConfig, load_config, to_yaml, validate_config
+from ..config import RecipeConfig, to_yaml
 from ..config.validate import resolve_path
 from ..errors import UserError, cli_main
 from ..fsutil import atomic_write_json, atomic_write_text
+from .. import rundir
+from ..rundir import SUMMARY_FILE
 from . import checkpoint as ckpt
-from .dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown, world_size_from_env
-
-RUN_MARKER = "run.json"
-SUMMARY_FILE = "summary.json"
-
-
-# --------------------------------------------------------------------------- output directory
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    output_dir: Path
-    resume_from: Path | None  # a complete checkpoint to continue from
-    clear: bool  # delete the directory's contents first (overwrite=true, or our own run with no checkpoint)
-
-
-def is_our_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file()
-
-
-def plan_output_dir(cfg: RecipeConfig) -> RunPlan:
-    """Decide fresh / resume / refuse from the output directory alone (read-only; every rank agrees).
-
-    - missing or empty: fresh run
-    - ``overwrite=true``: fresh run, contents replaced
-    - ``resume=auto`` and a run of ours: continue from its newest complete checkpoint
-    - ``resume=<checkpoint dir>``: continue from that checkpoint
-    - anything else non-empty: error
-    """
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} exists and is not a directory", hint="choose another output_dir=...")
-    non_empty = out.is_dir() and any(out.iterdir())
-    if cfg.overwrite:
-        _refuse_dangerous(out)
-        return RunPlan(out, _explicit_resume(cfg), clear=non_empty)
-    if cfg.resume not in ("auto", "never"):
-        src = _explicit_resume(cfg)
-        if non_empty and not is_our_run(out):
-            raise UserError(f"output_dir {out} is not empty and holds no qnext run",
-                            hint="choose a new output_dir=..., or overwrite=true to replace its contents")
-        return RunPlan(out, src, clear=False)
-    if not non_empty:
-        return RunPlan(out, None, clear=False)
-    if not is_our_run(out):
-        raise UserError(
-            f"output_dir {out} is not empty and holds no qnext run",
-            hint="choose a new output_dir=..., or pass overwrite=true to replace its contents",
-        )
-    if cfg.resume == "never":
-        raise UserError(f"output_dir {out} already holds a run (resume=never)",
-                        hint="use resume=auto to continue it, overwrite=true to start over, or a new output_dir")
-    last = ckpt.latest_checkpoint(out)
-    if last is None:  # our run, stopped before its first checkpoint: nothing to keep
-        return RunPlan(out, None, clear=True)
-    return RunPlan(out, last.path, clear=False)
-
-
-def _explicit_resume(cfg: RecipeConfig) -> Path | None:
-    if cfg.resume in ("auto", "never"):
-        return None
-    path = Path(cfg.resume).expanduser()
-    ckpt.read_state(path)  # raises a clear error when it is not a checkpoint
-    return path
-
-
-def _refuse_dangerous(out: Path) -> None:
-    resolved = out.resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
-        raise UserError(f"refusing overwrite=true on {out}: it is /, your home, or contains the current directory",
-                        hint="choose a dedicated output_dir=...")
-
-
-def _clear_dir(path: Path) -> None:
-    for child in path.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
-# --------------------------------------------------------------------------- set-up pieces
-
-
-def checkpoint_dir(cfg: RecipeConfig) -> Path:
-    if not cfg.model.checkpoint:
-        raise UserError(
-            "the FSDP backend trains from an HF checkpoint and model.checkpoint is not set",
-            hint="pass model.checkpoint=<HF checkpoint dir> (a tiny random one: "
-            "python -m qnext.models.tiny --out <dir>)",
-        )
-    path = resolve_path(cfg.model.checkpoint)
-    assert path is not None
-    if not (path / "config.json").is_file():
-        raise UserError(f"model.checkpoint={cfg.model.checkpoint}: no config.json in {path}",
-                        hint="point model.checkpoint at an HF checkpoint directory")
-    return path
-
-
-def tokenizer_dir(cfg: RecipeConfig, ckpt_dir: Path) -> Path | None:
-    if cfg.model.tokenizer:
-        return resolve_path(cfg.model.tokenizer)
-    if any((ckpt_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return ckpt_dir
-    return None
-
+from .prepare import RunPlan, checkpoint_dir, prepare, tokenizer_dir
+from .dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 
 def compute_dtype(cfg: RecipeConfig, device: torch.device) -> str:
     """bf16 on GPUs when asked; float32 on CPU always (bf16 matmuls on CPU are slow and the tests
@@ -199,12 +94,12 @@ class Trainer:
 
         # the output directory is touched only now that the inputs have been read without error
         if env.is_main:
-            if self.plan.clear:
-                _clear_dir(self.out)
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not is_our_run(self.out):
-                atomic_write_json(self.out / RUN_MARKER, {"backend": "fsdp", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                          "checkpoint": str(self.ckpt_dir)})
+            start = rundir.RESUME if self.plan.resume_from is not None else rundir.FRESH
+            cleared = rundir.start_run_dir(rundir.OutputPlan(self.out, start, self.plan.clear), "fsdp",
+                                           checkpoint=str(self.ckpt_dir))
+            if cleared:
+                self.say(f"output_dir {self.out}: cleared {len(cleared)} entries of an earlier attempt without a checkpoint"
+                         if not cfg.overwrite else f"output_dir {self.out}: contents replaced (overwrite=true)")
             atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
         barrier()
 
@@ -233,7 +128,7 @@ class Trainer:
             model = apply_lora(model, cfg.train.lora, seed=cfg.train.seed)
         else:
             model = set_full_training(model)
-        if cfg.parallel.recompute != "none":
+        if cfg.parallel.recompute not in ("none", "auto"):  # auto: the Megatron planner's choice; here none
             apply_ac(model)
         self.peft_model = model if self.lora else None
         self.root = CausalLMLoss(model, router_aux_coef(self.hf_config, cfg.train.router_aux_loss_coef))
@@ -542,22 +437,6 @@ def _as_dict(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- entry points
-
-
-def prepare(overrides: Sequence[str], world_size: int | None = None) -> tuple[RecipeConfig, dict[str, Any], RunPlan]:
-    """Everything that can fail on user input, before any process group exists."""
-    from ..metrics import profile_step_wanted
-
-    profile_step_wanted(0)  # a malformed QNEXT_PROFILE_STEP fails here, not after the model loaded
-    cfg = load_config(list(overrides))
-    world = world_size or world_size_from_env()
-    hf = validate_config(cfg, world_size=world)
-    if cfg.parallel.backend != "fsdp":
-        raise UserError(f"parallel.backend={cfg.parallel.backend}: this is the FSDP entry point",
-                        hint="use parallel.backend=fsdp (e.g. parallel=cpu or parallel=fsdp), or the Megatron launcher")
-    checkpoint_dir(cfg)
-    plan = plan_output_dir(cfg)
-    return cfg, hf, plan
 
 
 def train(cfg: RecipeConfig, hf: dict[str, Any], plan: RunPlan) -> dict[str, Any]:

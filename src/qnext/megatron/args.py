@@ -113,6 +113,10 @@ def megatron_argv(
     """The megatron.training flags for this recipe (see the module docstring). The world size is
     not an input: megatron derives the data-parallel size from it (``validate_config`` has already
     checked the layout against it)."""
+    if cfg.parallel.recompute == "auto":  # the entry resolves it with the GPU's memory; here 80 GiB GPUs
+        from ..plan import resolve_recompute
+
+        cfg = resolve_recompute(cfg, None, None)[0]
     t, p, d, lg = cfg.train, cfg.parallel, cfg.data, cfg.logging
     problems = check_megatron_recipe(cfg)
     if problems:

@@ -118,3 +118,41 @@ def prune_checkpoints(save_root: str | os.PathLike, keep: int) -> list[Path]:
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed
+
+
+# ------------------------------------------------------------------------------------------ saving policy
+def should_save(step: int, stop: int, total: int, save_every: int, save_final: bool) -> bool:
+    """Whether the Megatron entry writes a checkpoint after ``step``: every ``train.save_every`` steps
+    (0: never periodically), at the last step with ``train.save_final``, and always where
+    ``train.stop_after`` ends the run early (to resume from). megatron's own ``--save-interval`` is
+    not used here: it must be set whenever ``--save`` is, so it holds the run's length when
+    ``save_every`` is 0, and reading it back would save at the last step despite ``save_final=false``."""
+    if save_every > 0 and step % save_every == 0:
+        return True
+    return step == stop and (save_final or stop < total)
+
+
+def checkpoint_bytes(weight_bytes: int, trained_numel: int, with_optimizer: bool = True) -> int:
+    """Bytes of one torch_dist checkpoint of the whole model: every weight as stored (frozen LoRA base
+    weights included), plus for each trained weight the distributed optimizer's fp32 main copy and
+    Adam's two moments (12 B), unless the optimizer is not saved."""
+    return int(weight_bytes) + (12 * int(trained_numel) if with_optimizer else 0)
+
+
+def disk_check(need: int, free: int, keep: int, where: str) -> Optional[str]:
+    """None when ``free`` bytes hold the checkpoints the run will keep; a warning when they hold one
+    checkpoint but not ``keep`` + 1 (the newest is written before the oldest is pruned); UserError
+    when not even one fits (instead of a torch_dist write error at the first save, hours in)."""
+    gib = 1024**3
+    if need > free:
+        raise UserError(
+            f"one checkpoint of this run needs about {need / gib:.1f} GiB, and {where} has {free / gib:.1f} GiB free",
+            hint="free disk space, set output_dir to a larger disk, or train without checkpoints "
+                 "(train.save_every=0 train.save_final=false); train.check_disk=false starts anyway")
+    want = need * (max(int(keep), 1) + 1)
+    if want > free:
+        return (f"{where} has {free / gib:.1f} GiB free: one checkpoint (~{need / gib:.1f} GiB) fits, but keeping "
+                f"{keep} needs ~{want / gib:.1f} GiB while the next one is written (train.keep_checkpoints)")
+    return None
+
+

@@ -52,6 +52,7 @@ def megatron_batch(samples: Sequence[dict], pad_id: int, seq_length: int, pack: 
         if ids.shape[0] != 1:
             raise ValueError("packed micro-batches hold one row (train.micro_batch_size=1)")
         out["cu_seqlens"] = b["cu_seqlens"]
+        out["cu_seqlens_host"] = b["cu_seqlens"].clone()  # stays on the host: fla's chunk tables without a sync
         out["max_seqlen"] = int(b["max_seqlen"])
     return out
 
@@ -61,7 +62,9 @@ def _as_list(x) -> list[int]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Every tensor to ``device``, except ``*_host`` copies kept for host-side bookkeeping."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and not k.endswith("_host") else v
+            for k, v in batch.items()}
 
 
 @dataclass
@@ -114,6 +117,10 @@ def packed_seq_params(batch: dict[str, Any]):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     cu = batch["cu_seqlens"].to(torch.int32)
+    if "cu_seqlens_host" in batch:
+        from .gdn import attach_host_copy
+
+        attach_host_copy(cu, batch["cu_seqlens_host"])
     n = batch["max_seqlen"]
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)
 

@@ -28,6 +28,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_object_for_checkpoint
 from megatron.core.utils import divide
 
+from .fused import swiglu_probs
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -45,11 +47,14 @@ def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def grouped_linear(
-    x: torch.Tensor, weight: torch.Tensor, counts: list[int], offsets: Optional[torch.Tensor] = None
+    x: torch.Tensor, weight: torch.Tensor, counts: Optional[list[int]], offsets: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Rows of ``x`` grouped by expert (``counts[e]`` rows each) times ``weight[e].T`` -> [T, out]."""
+    """Rows of ``x`` grouped by expert (``counts[e]`` rows each, or ending at ``offsets[e]``) times
+    ``weight[e].T`` -> [T, out]."""
     if offsets is not None and grouped_mm_usable(x, weight):
         return _GROUPED_MM(x, weight.transpose(-2, -1), offs=offsets)
+    if counts is None:
+        counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     outs = [F.linear(chunk, weight[e]) for e, chunk in enumerate(torch.split(x, counts))]
     if not outs:
         return x.new_zeros(0, weight.shape[-2])
@@ -131,15 +136,21 @@ class GroupedGemmExperts(MegatronModule):
             init_all(self.linear_fc1.weight, self.config.init_method)
             init_all(self.linear_fc2.weight, self.config.output_layer_init_method)
 
-    def _activation(self, h: torch.Tensor) -> torch.Tensor:
+    def _activation(self, h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """act(fc1 output) * probs, cast to the tokens' dtype: SwiGLU is fused (``qnext.megatron.fused``)."""
         cfg = self.config
+        if self.glu and cfg.activation_func is F.silu and cfg.activation_func_clamp_value is None \
+                and cfg.glu_linear_offset == 0.0:
+            return swiglu_probs(h, probs)
         if not self.glu:
-            return cfg.activation_func(h)
-        x_glu, x_lin = torch.chunk(h, 2, dim=-1)
-        if (val := cfg.activation_func_clamp_value) is not None:
-            x_glu = x_glu.clamp(min=None, max=val)
-            x_lin = x_lin.clamp(min=-val, max=val)
-        return cfg.activation_func(x_glu) * (x_lin + cfg.glu_linear_offset)
+            act = cfg.activation_func(h)
+        else:
+            x_glu, x_lin = torch.chunk(h, 2, dim=-1)
+            if (val := cfg.activation_func_clamp_value) is not None:
+                x_glu = x_glu.clamp(min=None, max=val)
+                x_lin = x_lin.clamp(min=-val, max=val)
+            act = cfg.activation_func(x_glu) * (x_lin + cfg.glu_linear_offset)
+        return (act * probs.unsqueeze(-1)).to(h.dtype)
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor):
         x, probs = permuted_local_hidden_states, permuted_probs
@@ -147,16 +158,16 @@ class GroupedGemmExperts(MegatronModule):
             assert self.config.moe_router_topk == 1, "`moe_apply_probs_on_input` only works with topk=1"
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
-        if isinstance(tokens_per_expert, torch.Tensor):
-            counts = [int(c) for c in tokens_per_expert.tolist()]
-        else:
-            counts = [int(c) for c in tokens_per_expert]
-        offsets = None
+        counts, offsets = None, None
         if grouped_mm_usable(x, self.linear_fc1.weight):
-            offsets = torch.tensor(counts, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+            # group ends from the counts where they are (the GPU, from qnext's sorted dispatcher): no host copy
+            t = torch.as_tensor(tokens_per_expert, device=x.device)
+            offsets = t.cumsum(0, dtype=torch.int32)
+        else:  # the per-expert loop needs the counts on the host
+            t = tokens_per_expert
+            counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
         h = grouped_linear(x, self.linear_fc1.weight, counts, offsets)
-        h = self._activation(h)
-        h = (h * probs.unsqueeze(-1)).to(x.dtype)
+        h = self._activation(h, probs)
         out = grouped_linear(h, self.linear_fc2.weight, counts, offsets)
         return out, None
 

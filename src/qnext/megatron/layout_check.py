@@ -159,33 +159,6 @@ def _seed_lora_b(model, std: float, seed: int) -> None:
                 br.lora_B.copy_(b.to(br.lora_B.dtype))
 
 
-class _NoStream:
-    """What megatron's gradient sync asks of ``torch.cuda.current_stream()`` on a CPU-only run (it waits
-    on events that only CUDA-graph replays set)."""
-
-    def wait_event(self, event) -> None:  # never called without CUDA graphs
-        raise RuntimeError("CUDA event on a CPU run")
-
-
-@contextlib.contextmanager
-def _on_cpu():
-    from .parallel import construction_device
-
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    tracker = get_cuda_rng_tracker()
-    current_stream = torch.cuda.current_stream
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]
-    # the model-parallel CUDA RNG (forked around dropout, which is 0 here) has no CPU counterpart
-    tracker.fork = lambda *a, **k: contextlib.nullcontext()
-    try:
-        with construction_device("cpu"):
-            yield
-    finally:
-        torch.cuda.current_stream = current_stream  # type: ignore[assignment]
-        del tracker.fork
-
-
 def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -194,6 +167,7 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     from .config import ParallelSizes
     from .data import megatron_batch
     from .model import build_model, load_torch_dist
+    from .compat.cpu import cpu_training
     from .parallel import CPU_BUILD_OVERRIDES, destroy_parallel, initialize_parallel, use_torch_gdn_path
 
     hf_dir = Path(args.hf)
@@ -217,13 +191,18 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     if cpu:
         use_torch_gdn_path()
         overrides.update(CPU_BUILD_OVERRIDES, deterministic_mode=True)
-    on_device = _on_cpu if cpu else contextlib.nullcontext
+        # megatron-core's jit_fuser (torch.compile) of the GDN input preparation miscompiles a bf16 input
+        # with transposed strides under torch 2.11 on AVX-512 CPUs (NaN or values off by ~1700x); eager is right
+        torch._dynamo.config.disable = True
+    on_device = cpu_training if cpu else contextlib.nullcontext
     hf = json.loads((hf_dir / "config.json").read_text())
     samples, pad_id = _global_batch(hf, args.seq, args.samples, Path(args.data))
 
     with on_device():
         model = build_model(hf_dir, p, dtype, False if cpu else None, config_overrides=overrides)
     load_torch_dist(model, args.megatron_ckpt)
+    if args.split_k > 1:
+        _round_row_parallel_as_split(model, args.split_k)
     if args.mode == "lora":
         from ..config.schema import LoraConfig
         from ..lora import apply_lora
@@ -297,6 +276,31 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
     return summary
 
 
+def _round_row_parallel_as_split(model, parts: int) -> int:
+    """Make every row-parallel linear at TP=1 compute its product as ``parts`` partial products over
+    slices of the input dimension, summed in the working dtype, as the all-reduce of TP=``parts`` does:
+    the same function, with TP's rounding. A 1-rank bf16 run so changed measures how much a tensor's
+    gradient moves with rounding alone (``compare``'s noise). Returns the number of layers changed."""
+    from megatron.core.tensor_parallel.layers import RowParallelLinear
+
+    def split(original):
+        def forward_impl(input, weight, *args, **kwargs):
+            xs, ws = input.chunk(parts, dim=-1), weight.chunk(parts, dim=1)
+            out = original(xs[0], ws[0], *args, **kwargs)
+            for x, w in zip(xs[1:], ws[1:]):
+                out = out + original(x, w, *args, **kwargs)
+            return out
+
+        return forward_impl
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, RowParallelLinear) and m.tp_group.size() == 1 and m.weight.shape[1] % parts == 0:
+            m._forward_impl = split(m._forward_impl)
+            n += 1
+    return n
+
+
 def _name(layout: dict) -> str:
     parts = [f"{k}{layout[k]}" for k in ("tp", "ep", "etp", "pp") if layout.get(k, 1) > 1]
     return ("_".join(parts) or "1rank") + ("_sp" if layout.get("sp") else "")
@@ -309,24 +313,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / denom if denom > 0 else float(a.double().norm())
 
 
-def compare(dirs: Sequence[Path], noise: Optional[Path] = None, floor: float = 5e-2) -> list[dict[str, Any]]:
+def compare(dirs: Sequence[Path], noise: Optional[Path | Sequence[Path]] = None, floor: float = 5e-2) -> list[dict[str, Any]]:
     """Every layout against the first: loss, gradient norm, worst per-tensor relative L2 difference.
 
-    ``noise``: a run of the first layout in float32, when the others are bf16. Each tensor's limit is then
-    ``max(2 x its bf16-vs-fp32 difference at one rank, floor)``: in bf16 the router and the experts
-    behind it change by tens of percent with rounding alone (a token routed to another expert), so one
-    fixed tolerance would either fail every bf16 run or pass real errors elsewhere. ``worst_excess`` is
-    the largest difference / limit (at most 1 passes)."""
-    for d in [*dirs, *([noise] if noise else [])]:
+    ``noise``: runs of the first layout with other, equally valid rounding, when the runs are bf16: the
+    same run in float32, and the same run with its row-parallel products rounded as TP2 rounds them
+    (``--split-k 2``). Each tensor's limit is then ``max(2 x its largest difference to a noise run, floor)``:
+    in bf16 the router and the experts behind it change by tens of percent with rounding alone (a token
+    routed to another expert), and GDN's ``A_log``/``dt_bias`` gradients are sums that cancel 17-22x, so
+    one fixed tolerance would fail every bf16 run or pass real errors elsewhere; measured per tensor, a
+    tensor whose rounding noise is small keeps a tight limit (a halved head fails it). ``worst_excess``
+    is the largest difference / limit (at most 1 passes)."""
+    noises = [] if noise is None else [Path(noise)] if isinstance(noise, (str, Path)) else [Path(n) for n in noise]
+    for d in [*dirs, *noises]:
         if not (Path(d) / "summary.json").is_file() or not (Path(d) / "grads.pt").is_file():
             raise UserError(f"{d}: no summary.json and grads.pt there", hint="give the --out directories of finished runs")
     ref_dir = Path(dirs[0])
     ref = json.loads((ref_dir / "summary.json").read_text())
     ref_grads = torch.load(ref_dir / "grads.pt")
     limits: dict[str, float] = {}
-    if noise:
-        fp32 = torch.load(Path(noise) / "grads.pt")
-        limits = {k: max(2 * _rel(r, fp32[k]), floor) for k, r in ref_grads.items() if k in fp32}
+    for n in noises:
+        other = torch.load(n / "grads.pt")
+        for k, r in ref_grads.items():
+            if k in other:
+                limits[k] = max(limits.get(k, floor), 2 * _rel(r, other[k]))
     rows = []
     for d in dirs[1:]:
         s = json.loads((Path(d) / "summary.json").read_text())
@@ -372,8 +382,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m qnext.megatron.layout_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", nargs="+", type=Path, metavar="DIR", help="compare finished runs (first = reference)")
-    ap.add_argument("--noise", type=Path, metavar="DIR",
-                    help="with --compare of bf16 runs: the reference layout's fp32 run (per-tensor bf16 limits)")
+    ap.add_argument("--noise", type=Path, nargs="+", metavar="DIR",
+                    help="with --compare of bf16 runs: the reference layout's fp32 run and/or its --split-k 2 run "
+                         "(per-tensor bf16 limits)")
     ap.add_argument("--hf", help="HF checkpoint directory (config.json is read)")
     ap.add_argument("--megatron-ckpt", help="its torch_dist conversion")
     ap.add_argument("--out", help="directory for grads.pt and summary.json")
@@ -389,6 +400,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-k", type=int, default=1,
+                    help="at TP=1: row-parallel products summed from this many partial products, rounded as at "
+                         "TP=N (a bf16 rounding-noise run for --compare --noise)")
     ap.add_argument("--moe-aux-loss-coeff", type=float, help="override the model's router load-balancing loss weight")
     args = ap.parse_args(argv)
     args.sp = args.tp > 1  # megatron trains MoE with TP only under sequence parallelism, as the recipes do

@@ -78,11 +78,8 @@ def build_model(
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from .fixes import install_all
-
     p = ParallelSizes.of(parallel)
     _check_parallel_state(p)
-    install_all()  # run-time corrections to megatron-core (qnext.megatron.fixes)
     backend, args = megatron_args(hf_config, p, dtype, use_te, **(config_overrides or {}))
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)

@@ -2,13 +2,16 @@
 
 megatron-core's torch norm wrapper refuses ``layernorm_zero_centered_gamma``; Qwen3-Next needs it
 (HF ``Qwen3NextRMSNorm``: y = x_hat * (1 + w), weight initialised to zeros). The arithmetic follows
-HF: normalise in float32, scale by (1 + w) in float32, cast back once. Built by megatron's
+HF: normalise in float32, scale by (1 + w) in float32, cast back once
+(``qnext.megatron.fused.rms_norm``, compiled into one kernel per direction on CUDA). Built by megatron's
 ``build_module`` like any ``LayerNormBuilder`` (``config=, hidden_size=, eps=``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .fused import rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +29,7 @@ class RMSNorm(nn.Module):
         setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.float()
-        y = y * (1.0 + w) if self.zero_centered else y * w
-        return y.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)  # one compiled kernel on CUDA (qnext.megatron.fused)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}, zero_centered={self.zero_centered}"

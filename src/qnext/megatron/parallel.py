@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .compat.cpu import construction_device, use_torch_gdn_path  # noqa: F401  (where scripts and tests look)
 from .config import ParallelSizes
 
 
@@ -22,9 +23,13 @@ def _free_port() -> int:
 
 
 def initialize_parallel(parallel: Any = None, *, seed: int = 1234, backend: str | None = None) -> ParallelSizes:
-    """torch.distributed (nccl on GPUs, gloo on CPU) + megatron model-parallel groups."""
+    """torch.distributed (nccl on GPUs, gloo on CPU) + megatron model-parallel groups, with
+    ``qnext.megatron.compat``'s replacements installed (this is the entry of scripts and tests)."""
     from megatron.core import parallel_state as ps
 
+    from .compat import install_all
+
+    install_all()
     p = ParallelSizes.of(parallel)
     cuda = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
@@ -61,39 +66,6 @@ def destroy_parallel() -> None:
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-@contextlib.contextmanager
-def construction_device(device: str = "cpu"):
-    """Build megatron modules without a GPU (tests, manifests): ``device`` is ``cpu`` or ``meta``.
-
-    megatron-core's GDN allocates on ``torch.cuda.current_device()`` unconditionally; inside this
-    context that call answers ``device`` and tensors created without a device land there too.
-    Combine with ``use_cpu_initialization=True, perform_initialization=False`` and the
-    ``allgather`` token dispatcher (the all-to-all one creates a CUDA stream).
-    """
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: device  # type: ignore[assignment]
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.cuda.current_device = original  # type: ignore[assignment]
-
-
-def _l2norm_torch(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """fla's ``l2norm`` (x / sqrt(sum x^2 + eps) over the last dim, in float32) without Triton."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def use_torch_gdn_path() -> None:
-    """Run megatron-core's GDN on CPU: its torch conv1d and chunked rule come with
-    ``deterministic_mode=True``; the q/k L2 norm, always fla's Triton kernel, is replaced here by the
-    same function in torch. For CPU tests and parity checks only (GPUs keep fla's kernels)."""
-    from megatron.core.ssm.gated_delta_net import common
-
-    common.l2norm = _l2norm_torch
 
 
 CPU_BUILD_OVERRIDES = dict(

@@ -6,7 +6,10 @@
   ``TEDotProductAttention``, ``TENorm`` for q/k/out norms, ``TEGroupedMLP`` experts.
 - ``local``: no Transformer Engine. Separate zero-centered :class:`~qnext.megatron.norm.RMSNorm`
   input norms, ``ColumnParallelLinear``/``RowParallelLinear``, :class:`SDPAttention` and
-  :class:`GroupedGemmExperts`, the shared expert with its sigmoid gate.
+  :class:`GroupedGemmExperts`, the shared expert with its sigmoid gate; MoE layers whose experts are
+  all on this GPU dispatch tokens with :class:`~qnext.megatron.dispatch.SortedTokenDispatcher`, and
+  Gated DeltaNet hands q/k normalisation and grouped value heads to fla
+  (:class:`~qnext.megatron.gdn.QnextGatedDeltaNet`).
 
 Both back ends write the same checkpoint: the local layers rename their separate norms to the TE
 names in ``sharded_state_dict`` (``input_layernorm.weight`` -> ``self_attention.in_proj.layer_norm_weight``
@@ -74,10 +77,12 @@ def _local_norm():
 
 def _local_gdn_layer(config, mlp, mlp_is_dense: bool):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    from .gdn import QnextGatedDeltaNet
 
     norm = _local_norm()
     keys_map = {"input_layernorm.": "self_attention.in_proj.layer_norm_"}
@@ -88,7 +93,7 @@ def _local_gdn_layer(config, mlp, mlp_is_dense: bool):
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=GatedDeltaNet,
+                module=QnextGatedDeltaNet,
                 submodules=GatedDeltaNetSubmodules(
                     in_proj=ColumnParallelLinear, out_norm=norm, out_proj=RowParallelLinear
                 ),
@@ -144,9 +149,10 @@ def _local_attention_layer(config, mlp, mlp_is_dense: bool):
 def _local_moe():
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+    from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
+    from .dispatch import QnextMoELayer
     from .experts import GroupedGemmExperts
 
     def shared_experts(*, config, pg_collection, gate, name=None):
@@ -158,7 +164,7 @@ def _local_moe():
             name=name,
         )
 
-    return partial(MoELayer, submodules=MoESubmodules(experts=GroupedGemmExperts, shared_experts=shared_experts))
+    return partial(QnextMoELayer, submodules=MoESubmodules(experts=GroupedGemmExperts, shared_experts=shared_experts))
 
 
 def _local_dense_mlp():

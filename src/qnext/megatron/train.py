@@ -39,244 +39,20 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import RecipeConfig, load_config, to_yaml, validate_config
+from .. import rundir
+from ..config import to_yaml
 from ..config.validate import resolve_path
 from ..errors import UserError, cli_main
-from .args import megatron_argv
-from .checkpoint import CheckpointPlan, checkpoint_plan, has_checkpoint, pretrained_root
-from .resume import (  # noqa: F401  (re-exported: tests and tools import them from here)
-    adam_state_report,
-    load_with_adam_state,
-    prime_adam_states,
-    restore_adam_steps,
-    torch_optimizers,
-    unshare_adam_steps,
-    use_fused_adam,
-)
+from .checkpoint import checkpoint_bytes, disk_check, should_save
+from .compat.adam_resume import adam_state_report, load_with_adam_state, use_fused_adam
+from .compat.initialize import initialize_megatron_without_dataset_helpers
+from .prepare import Prepared, prepare
+from .provider import model_provider
 
-RUN_MARKER = "run.json"
-SUMMARY_FILE = "summary.json"
 ARGS_FILE = "megatron_args.txt"
-
-
-# ------------------------------------------------------------------------------------------ prepare
-@dataclass(frozen=True)
-class Prepared:
-    """Everything decided before a process group exists."""
-
-    cfg: RecipeConfig
-    hf: dict[str, Any]
-    ckpt: CheckpointPlan
-    use_te: bool
-    argv: list[str]
-    world_size: int
-    clear_output: bool
-
-
-def _non_empty(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
-def plan_output_dir(cfg: RecipeConfig, ckpt: CheckpointPlan) -> bool:
-    """Check ``output_dir`` against ``overwrite``/``resume``; True when its contents must be replaced."""
-    out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {out} exists and is not a directory", hint="choose another output_dir=...")
-    if cfg.overwrite:
-        resolved, cwd = out.resolve(), Path.cwd().resolve()
-        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or cwd.is_relative_to(resolved):
-            raise UserError(f"refusing overwrite=true on {out}: it is /, your home, or contains the current directory",
-                            hint="choose a dedicated output_dir=...")
-        return _non_empty(out)
-    if not _non_empty(out):
-        return False
-    if not (out / RUN_MARKER).is_file():
-        raise UserError(f"output_dir {out} is not empty and holds no qnext run",
-                        hint="choose a new output_dir=..., or overwrite=true to replace its contents")
-    if cfg.resume == "never" and has_checkpoint(ckpt.save):
-        raise UserError(f"output_dir {out} already holds a run (resume=never)",
-                        hint="use resume=auto to continue it, overwrite=true to start over, or a new output_dir")
-    return False
-
-
-def _checkpoint_hf_config(pretrained: Optional[str]) -> Optional[dict[str, Any]]:
-    if not pretrained:
-        return None
-    from ..convert.megatron_dir import hf_meta_dir
-
-    meta = hf_meta_dir(pretrained)
-    return json.loads((meta / "config.json").read_text()) if meta is not None else None
-
-
-def prepare(overrides: Sequence[str], world_size: Optional[int] = None, use_te: Optional[bool] = None) -> Prepared:
-    """Everything that can fail on user input, before any process group or GPU is touched."""
-    from ..models.qwen3_next import Qwen3NextDims
-    from .spec import te_importable
-
-    from ..metrics import profile_step_wanted
-    from .attention import packed_attention_mode
-
-    profile_step_wanted(0)  # a malformed QNEXT_PROFILE_STEP fails here, not after the model loaded
-    packed_attention_mode()  # likewise QNEXT_PACKED_ATTENTION
-    cfg = load_config(list(overrides))
-    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.parallel.backend != "megatron":
-        raise UserError(f"parallel.backend={cfg.parallel.backend}: this is the Megatron entry point",
-                        hint="pick a Megatron layout (parallel=8xh100, parallel=4x8, parallel=1gpu) or use scripts/run-fsdp.sh")
-    hf = validate_config(cfg, world_size=world)
-    ckpt = checkpoint_plan(cfg)
-    if not ckpt.resuming:
-        if ckpt.pretrained is None:
-            raise UserError("model.megatron_checkpoint is not set and the output directory holds no checkpoint to resume",
-                            hint="pass model.megatron_checkpoint=<the OUT of `make convert HF=... OUT=...`>")
-        pretrained_root(ckpt.pretrained)
-        ckpt_hf = _checkpoint_hf_config(ckpt.pretrained)
-        if ckpt_hf is not None and Qwen3NextDims.from_hf_config(ckpt_hf) != Qwen3NextDims.from_hf_config(hf):
-            raise UserError(f"model.megatron_checkpoint={cfg.model.megatron_checkpoint} was converted from a model "
-                            f"other than model.hf_config={cfg.model.hf_config} (layers, widths or experts differ)",
-                            hint="pick the model=... that matches the checkpoint")
-    clear = plan_output_dir(cfg, ckpt)
-    te = te_importable() if use_te is None else use_te
-    argv = megatron_argv(cfg, hf, use_te=te, ckpt=ckpt)
-    return Prepared(cfg, hf, ckpt, te, argv, world, clear)
-
-
-# ------------------------------------------------------------------------------------------ model
-def attach_lora(model, cfg: RecipeConfig, hf: dict[str, Any]):
-    """The LoRA hook: adapters go on right after the model is built, before megatron wraps it in DDP
-    and builds the optimizer, so that the optimizer sees the adapters as the only trainable weights.
-
-    The implementation lives in ``qnext.lora``: ``apply_lora(model, lora_cfg, *, hf_config, seed)``
-    must freeze the base weights, attach the adapters to the parallel linears and return the model.
-    """
-    try:
-        from ..lora import apply_lora  # imported here: qnext.lora is optional until train.mode=lora
-    except ImportError as err:
-        raise UserError(
-            f"train.mode=lora needs qnext.lora.apply_lora(model, lora_cfg, hf_config=..., seed=...) for Megatron "
-            f"models, which this checkout does not provide ({err})",
-            hint="use train.mode=full, or update to a checkout with LoRA for the Megatron backend",
-        ) from None
-    model = apply_lora(model, cfg.train.lora, hf_config=hf, seed=cfg.train.seed)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise UserError("LoRA left no trainable parameter on this rank", hint="check train.lora.targets")
-    return model
-
-
-def training_overrides(args) -> dict[str, Any]:
-    """TransformerConfig fields that come from the training arguments rather than the HF config."""
-    out = dict(
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        calculate_per_token_loss=args.calculate_per_token_loss,
-        deallocate_pipeline_outputs=True,
-        use_cpu_initialization=bool(args.use_cpu_initialization),
-        barrier_with_L1_time=args.barrier_with_L1_time,
-    )
-    if args.recompute_modules is not None:
-        out["recompute_modules"] = list(args.recompute_modules)
-    coeff = args.moe_aux_loss_coeff
-    if coeff is not None:
-        out["moe_aux_loss_coeff"] = float(coeff[0]) if isinstance(coeff, (list, tuple)) and len(coeff) == 1 else coeff
-    return out
-
-
-def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]]):
-    """The function megatron.training's ``get_model`` calls on every rank (once per model chunk)."""
-    import torch
-
-    from .checkpoint import missing_base_keys, model_tensor_keys
-    from .model import build_model
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    overrides = training_overrides(args)
-
-    def provide(pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None, pg_collection=None):
-        model = build_model(prep.hf, prep.cfg.parallel, dtype, prep.use_te, pre_process=pre_process,
-                            post_process=post_process, vp_stage=vp_stage, pg_collection=pg_collection,
-                            config_overrides=overrides)
-        base_keys = None
-        if check_base_against is not None:
-            base_keys = model_tensor_keys(model)
-            missing = missing_base_keys(model, check_base_against, base_keys)
-            if missing:
-                raise UserError(
-                    f"model.megatron_checkpoint={prep.cfg.model.megatron_checkpoint} lacks {len(missing)} weight(s) "
-                    f"this model needs, e.g. {missing[:4]}",
-                    hint="was it converted (make convert) from the model given by model.hf_config?")
-        if prep.cfg.train.mode == "lora":
-            model = attach_lora(model, prep.cfg, prep.hf)
-            if base_keys is not None:
-                # megatron's load tolerates absent keys (the adapters): base weights must keep their keys
-                renamed = sorted(base_keys - model_tensor_keys(model))
-                if renamed:
-                    raise RuntimeError(f"LoRA changed the checkpoint keys of base weights, e.g. {renamed[:4]}")
-        return model
-
-    return provide
-
-
-# ------------------------------------------------------------------------------------------ the run
-def should_save(step: int, stop: int, total: int, save_every: int, save_final: bool) -> bool:
-    """Whether the Megatron entry writes a checkpoint after ``step``: every ``train.save_every`` steps
-    (0: never periodically), at the last step with ``train.save_final``, and always where
-    ``train.stop_after`` ends the run early (to resume from). megatron's own ``--save-interval`` is
-    not used here: it must be set whenever ``--save`` is, so it holds the run's length when
-    ``save_every`` is 0, and reading it back would save at the last step despite ``save_final=false``."""
-    if save_every > 0 and step % save_every == 0:
-        return True
-    return step == stop and (save_final or stop < total)
-
-
-def checkpoint_bytes(weight_bytes: int, trained_numel: int, with_optimizer: bool = True) -> int:
-    """Bytes of one torch_dist checkpoint of the whole model: every weight as stored (frozen LoRA base
-    weights included), plus for each trained weight the distributed optimizer's fp32 main copy and
-    Adam's two moments (12 B), unless the optimizer is not saved."""
-    return int(weight_bytes) + (12 * int(trained_numel) if with_optimizer else 0)
-
-
-def disk_check(need: int, free: int, keep: int, where: str) -> Optional[str]:
-    """None when ``free`` bytes hold the checkpoints the run will keep; a warning when they hold one
-    checkpoint but not ``keep`` + 1 (the newest is written before the oldest is pruned); UserError
-    when not even one fits (instead of a torch_dist write error at the first save, hours in)."""
-    gib = 1024**3
-    if need > free:
-        raise UserError(
-            f"one checkpoint of this run needs about {need / gib:.1f} GiB, and {where} has {free / gib:.1f} GiB free",
-            hint="free disk space, set output_dir to a larger disk, or train without checkpoints "
-                 "(train.save_every=0 train.save_final=false); train.check_disk=false starts anyway")
-    want = need * (max(int(keep), 1) + 1)
-    if want > free:
-        return (f"{where} has {free / gib:.1f} GiB free: one checkpoint (~{need / gib:.1f} GiB) fits, but keeping "
-                f"{keep} needs ~{want / gib:.1f} GiB while the next one is written (train.keep_checkpoints)")
-    return None
-
-
-def initialize_megatron_without_dataset_helpers(args) -> None:
-    """``megatron.training.initialize_megatron`` without its last step.
-
-    That step (``_compile_dependencies``) runs ``make`` in ``megatron/core/datasets`` on rank 0 and
-    exits the process when it fails; the PyPI wheel of megatron-core 0.19.2 ships the compiled helper
-    but no Makefile, so it always fails there. Our data module does not use megatron's datasets, so
-    the rest is done here in the same order: logging and the rerun state machine (megatron's own
-    function, stopped before process groups), process groups, seeds, the MoE aux-loss scale.
-    """
-    import torch
-    from megatron.training import initialize as mi
-
-    mi.initialize_megatron(skip_mpu_initialization=True)
-    mi._initialize_distributed(None, None, None)
-    mi._set_random_seed(args.seed, args.data_parallel_random_init, args.te_rng_tracker, args.inference_rng_tracker,
-                        use_cudagraphable_rng=args.cuda_graph_impl != "none")
-    if args.num_experts is not None:
-        from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
-
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=torch.cuda.current_device()))
 
 
 class MegatronRun:
@@ -338,6 +114,8 @@ class MegatronRun:
         except Exception as err:  # the plan is advice: a model it cannot count must still train
             self.say(f"warning: no memory plan for this model ({type(err).__name__}: {err})")
             return
+        if self.prep.recompute_note != "set by the recipe":
+            self.say(self.prep.recompute_note)
         note = check_fits(self.cfg, pl, total, self.world)
         self.planned_peak_gib = round(pl.peak / GIB, 2)
         self.say(f"memory plan: {pl.peak / GIB:.1f} GiB per GPU planned ({pl.layout}); this GPU has {total / GIB:.1f} GiB")
@@ -387,14 +165,11 @@ class MegatronRun:
         import torch
 
         if self.rank == 0:
-            if self.prep.clear_output:
-                for child in self.out.iterdir():
-                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not (self.out / RUN_MARKER).is_file():
-                (self.out / RUN_MARKER).write_text(json.dumps({
-                    "backend": "megatron", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "checkpoint": self.prep.ckpt.pretrained, "te": self.prep.use_te}) + "\n")
+            start = rundir.RESUME if self.prep.ckpt.resuming else rundir.FRESH
+            cleared = rundir.start_run_dir(rundir.OutputPlan(self.out, start, self.prep.clear_output), "megatron",
+                                           checkpoint=self.prep.ckpt.pretrained, te=self.prep.use_te)
+            if cleared:
+                self.say(f"output_dir {self.out}: contents replaced ({len(cleared)} entries)")
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
             (self.out / ARGS_FILE).write_text(" \\\n  ".join(self.prep.argv) + "\n")
             if self.prep.ckpt.pretrained:
@@ -415,10 +190,10 @@ class MegatronRun:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.train
         # model.tokenizer, else the tokenizer the converted checkpoint carries in hf/ (copied into
         # checkpoints/hf when the run started), else the built-in Qwen3-Next tokenizer
-        tok_dir = resolve_path(cfg.model.tokenizer) if cfg.model.tokenizer else None
-        for root in (self.prep.ckpt.pretrained, self.prep.ckpt.load):
-            if tok_dir is None and root:
-                tok_dir = _tokenizer_in(root)
+        from ..convert.megatron_dir import hf_meta_dir
+
+        roots = (self.prep.ckpt.pretrained, self.prep.ckpt.load)
+        tok_dir = rundir.find_tokenizer(cfg, [hf_meta_dir(r) if r else None for r in roots])
         self.tokenizer = load_tokenizer(tok_dir)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_set, self.valid_set, self.data_stats = build_datasets(
@@ -504,6 +279,7 @@ class MegatronRun:
         from megatron.training.training import train_step
 
         from ..metrics import StepProfile, peak_memory_gib, peak_reserved_gib, reset_step_peak
+        from ..syncs import SyncCheck
         from ..throughput import mfu, step_flops
         from .data import forward_step
 
@@ -516,9 +292,10 @@ class MegatronRun:
         reset_step_peak(self.device)
         t_start = time.perf_counter()
         with StepProfile(step + 1, self.out, self.rank) as prof:
-            loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
-                forward_step, self.batches.iterator(batches), self.model, self.optimizer, self.scheduler,
-                self.model_config, self.forward_backward, iteration=step)
+            with SyncCheck(step + 1, self.out, self.rank) as syncs:  # QNEXT_SYNC_CHECK: where the host waits
+                loss_dict, skipped, _, should_exit, _, grad_norm, _, _ = train_step(
+                    forward_step, self.batches.iterator(batches), self.model, self.optimizer, self.scheduler,
+                    self.model_config, self.forward_backward, iteration=step)
             torch.cuda.synchronize()
         dt = time.perf_counter() - t_start
         self.args.consumed_train_samples += self.cfg.train.global_batch_size
@@ -546,6 +323,10 @@ class MegatronRun:
             rec["profiled"] = 1  # slower than the others: benchmarks leave it out
             if prof.path is not None:
                 self.say(f"profile of step {step + 1} written to {prof.path}")
+        if syncs.active:
+            rec["profiled"] = 1  # sync checking slows the step too
+            self.say(f"host-device syncs of step {step + 1}: {sum(r['count'] for r in syncs.records)} "
+                     f"({sum(r['count'] for r in syncs.unplanned)} unplanned), listed in {syncs.path}")
         if should_exit:
             raise RuntimeError(f"megatron asked to stop at step {step + 1} (rerun state machine)")
         if self.is_logger and rec["loss"] is not None and not math.isfinite(rec["loss"]):
@@ -661,23 +442,16 @@ class MegatronRun:
             summary["peak_mem_gib"] = max(self.run_peak_gib, peak_memory_gib(self.device))
             if self.is_logger:
                 summary["data"] = self.data_stats.to_dict()
-                (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                (self.out / rundir.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
-
-
-def _tokenizer_in(ckpt_root: str) -> Optional[Path]:
-    """The converted checkpoint's ``hf/`` when it carries tokenizer files (else the built-in tokenizer)."""
-    from ..convert.megatron_dir import hf_meta_dir
-
-    meta = hf_meta_dir(ckpt_root)
-    if meta is not None and any((meta / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        return meta
-    return None
 
 
 def train(prep: Prepared) -> dict[str, Any]:
     import torch
 
+    from .compat import install_all
+
+    install_all()  # megatron-core workarounds (qnext.megatron.compat), before any model exists
     run = MegatronRun(prep)
     run.initialize()
     try:

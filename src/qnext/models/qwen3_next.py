@@ -34,6 +34,8 @@ import torch
 
 from ..errors import UserError
 from .weight_map import (
+    EXPERT_PARALLEL,
+    REPLICATED,
     ExtraState,
     Mapping,
     Place,
@@ -229,10 +231,10 @@ _GDN_SECTIONS = ("query", "key", "value", "z", "beta", "alpha")
 WEIGHT_MAP: tuple[Rule, ...] = (
     # whole model
     Rule.of("model", "model.embed_tokens.weight", "embedding.word_embeddings.weight"),
-    Rule.of("model", "model.norm.weight", "decoder.final_layernorm.weight"),
+    Rule.of("model", "model.norm.weight", "decoder.final_layernorm.weight", split=REPLICATED),
     Rule.of("untied", "lm_head.weight", "output_layer.weight"),
     # Gated DeltaNet
-    Rule.of("linear_attention", "{hf}.input_layernorm.weight", "{mg}.self_attention.in_proj.layer_norm_weight"),
+    Rule.of("linear_attention", "{hf}.input_layernorm.weight", "{mg}.self_attention.in_proj.layer_norm_weight", split=REPLICATED),
     Rule.of("linear_attention",
             ("{hf}.linear_attn.in_proj_qkvz.weight", "{hf}.linear_attn.in_proj_ba.weight"),
             tuple(f"{{mg}}.self_attention.in_proj.weight.{s}" for s in _GDN_SECTIONS), GdnInProj()),
@@ -241,41 +243,41 @@ WEIGHT_MAP: tuple[Rule, ...] = (
     Rule.of("linear_attention", "{hf}.linear_attn.dt_bias", "{mg}.self_attention.dt_bias"),
     Rule.of("linear_attention", "{hf}.linear_attn.A_log", "{mg}.self_attention.A_log"),
     Rule.of("linear_attention", "{hf}.linear_attn.norm.weight", "{mg}.self_attention.out_norm.weight",
-            ShiftToZeroCentered(), note="HF plain RMSNorm (ones) -> Megatron zero-centered: w - 1"),
+            ShiftToZeroCentered(), note="HF plain RMSNorm (ones) -> Megatron zero-centered: w - 1", split=REPLICATED),
     Rule.of("linear_attention", "{hf}.linear_attn.out_proj.weight", "{mg}.self_attention.out_proj.weight"),
     # gated softmax attention
-    Rule.of("full_attention", "{hf}.input_layernorm.weight", "{mg}.self_attention.linear_qkv.layer_norm_weight"),
+    Rule.of("full_attention", "{hf}.input_layernorm.weight", "{mg}.self_attention.linear_qkv.layer_norm_weight", split=REPLICATED),
     Rule.of("full_attention",
             ("{hf}.self_attn.q_proj.weight", "{hf}.self_attn.k_proj.weight", "{hf}.self_attn.v_proj.weight"),
             "{mg}.self_attention.linear_qkv.weight", GatedQkv()),
-    Rule.of("full_attention", "{hf}.self_attn.q_norm.weight", "{mg}.self_attention.q_layernorm.weight"),
-    Rule.of("full_attention", "{hf}.self_attn.k_norm.weight", "{mg}.self_attention.k_layernorm.weight"),
+    Rule.of("full_attention", "{hf}.self_attn.q_norm.weight", "{mg}.self_attention.q_layernorm.weight", split=REPLICATED),
+    Rule.of("full_attention", "{hf}.self_attn.k_norm.weight", "{mg}.self_attention.k_layernorm.weight", split=REPLICATED),
     Rule.of("full_attention", "{hf}.self_attn.o_proj.weight", "{mg}.self_attention.linear_proj.weight"),
     # sparse MoE: pre-MLP norm, router, routed experts, shared expert and its sigmoid gate
-    Rule.of("moe", "{hf}.post_attention_layernorm.weight", "{mg}.pre_mlp_layernorm.weight"),
-    Rule.of("moe", "{hf}.mlp.gate.weight", "{mg}.mlp.router.weight"),
+    Rule.of("moe", "{hf}.post_attention_layernorm.weight", "{mg}.pre_mlp_layernorm.weight", split=REPLICATED),
+    Rule.of("moe", "{hf}.mlp.gate.weight", "{mg}.mlp.router.weight", split=REPLICATED),
     Rule.of("expert", "{hf}.mlp.experts.{e}.gate_proj.weight", "{mg}.mlp.experts.experts.linear_fc1.weight",
-            _expert("moe_ffn", 0, 2, "hidden")),
+            _expert("moe_ffn", 0, 2, "hidden"), split=EXPERT_PARALLEL),
     Rule.of("expert", "{hf}.mlp.experts.{e}.up_proj.weight", "{mg}.mlp.experts.experts.linear_fc1.weight",
-            _expert("moe_ffn", 1, 2, "hidden")),
+            _expert("moe_ffn", 1, 2, "hidden"), split=EXPERT_PARALLEL),
     Rule.of("expert", "{hf}.mlp.experts.{e}.down_proj.weight", "{mg}.mlp.experts.experts.linear_fc2.weight",
-            _expert("hidden", 0, 1, "moe_ffn")),
+            _expert("hidden", 0, 1, "moe_ffn"), split=EXPERT_PARALLEL),
     Rule.of("moe", "{hf}.mlp.shared_expert.gate_proj.weight", "{mg}.mlp.shared_experts.linear_fc1.weight",
             _fc1_half(0, "shared_ffn")),
     Rule.of("moe", "{hf}.mlp.shared_expert.up_proj.weight", "{mg}.mlp.shared_experts.linear_fc1.weight",
             _fc1_half(1, "shared_ffn")),
     Rule.of("moe", "{hf}.mlp.shared_expert.down_proj.weight", "{mg}.mlp.shared_experts.linear_fc2.weight"),
-    Rule.of("moe", "{hf}.mlp.shared_expert_gate.weight", "{mg}.mlp.shared_experts.gate_weight"),
+    Rule.of("moe", "{hf}.mlp.shared_expert_gate.weight", "{mg}.mlp.shared_experts.gate_weight", split=REPLICATED),
     # dense MLP (layers in mlp_only_layers; none in the released models): TE fuses the pre-MLP norm
-    Rule.of("dense", "{hf}.post_attention_layernorm.weight", "{mg}.mlp.linear_fc1.layer_norm_weight"),
+    Rule.of("dense", "{hf}.post_attention_layernorm.weight", "{mg}.mlp.linear_fc1.layer_norm_weight", split=REPLICATED),
     Rule.of("dense", "{hf}.mlp.gate_proj.weight", "{mg}.mlp.linear_fc1.weight", _fc1_half(0, "dense_ffn")),
     Rule.of("dense", "{hf}.mlp.up_proj.weight", "{mg}.mlp.linear_fc1.weight", _fc1_half(1, "dense_ffn")),
     Rule.of("dense", "{hf}.mlp.down_proj.weight", "{mg}.mlp.linear_fc2.weight"),
     # multi-token prediction block (carried through; Megatron's names with --mtp-num-layers 1)
-    Rule.of("mtp", "mtp.pre_fc_norm_embedding.weight", "mtp.layers.{k}.enorm.weight"),
-    Rule.of("mtp", "mtp.pre_fc_norm_hidden.weight", "mtp.layers.{k}.hnorm.weight"),
+    Rule.of("mtp", "mtp.pre_fc_norm_embedding.weight", "mtp.layers.{k}.enorm.weight", split=REPLICATED),
+    Rule.of("mtp", "mtp.pre_fc_norm_hidden.weight", "mtp.layers.{k}.hnorm.weight", split=REPLICATED),
     Rule.of("mtp", "mtp.fc.weight", "mtp.layers.{k}.eh_proj.weight", note="input = [embedding; hidden] on both sides"),
-    Rule.of("mtp", "mtp.norm.weight", "mtp.layers.{k}.final_layernorm.weight"),
+    Rule.of("mtp", "mtp.norm.weight", "mtp.layers.{k}.final_layernorm.weight", split=REPLICATED),
 )
 
 # Megatron linear layers carry an (empty) ``_extra_state`` object in every checkpoint; a load that
@@ -380,16 +382,19 @@ class Qwen3NextWeightMap:
         return megatron_tensors(self.mappings)
 
 
-def build_weight_map(cfg: TMapping[str, Any], mtp_layers: int = 0) -> Qwen3NextWeightMap:
-    """Expand the table for an HF config (``mtp_layers``: MTP blocks present in the checkpoint)."""
+def build_weight_map(cfg: TMapping[str, Any], mtp_layers: int = 0, *, rules: Sequence[Rule] = WEIGHT_MAP,
+                     extra_state_modules: Sequence[tuple[str, str]] = EXTRA_STATE_MODULES) -> Qwen3NextWeightMap:
+    """Expand the table for an HF config (``mtp_layers``: MTP blocks present in the checkpoint).
+    ``rules`` / ``extra_state_modules``: another Megatron-side layout of the same model (slime's,
+    see ``qwen3_next_formats``); default megatron-core's native one."""
     d = Qwen3NextDims.from_hf_config(cfg, mtp_layers=mtp_layers)
     if mtp_layers > 1:
         raise UserError(f"{mtp_layers} MTP blocks found; the HF Qwen3-Next layout has names for one")
     site_list = list(sites(d))
-    mappings = expand(WEIGHT_MAP, site_list, d, hf_shape)
+    mappings = expand(rules, site_list, d, hf_shape)
     extra = []
     templates: dict[str, list[str]] = {}
-    for scope, t in EXTRA_STATE_MODULES:
+    for scope, t in extra_state_modules:
         templates.setdefault(scope, []).append(t)
     for site in site_list:
         for t in templates.get(site.scope, []):

@@ -144,6 +144,14 @@ class Place(Transform):
 # ---------------------------------------------------------------------------------------------
 
 
+# How a Megatron tensor is spread over ranks: whole on every tensor-parallel rank (norms, the router),
+# partitioned over tensor parallelism (linears, the vocabulary, GDN's per-head A_log/dt_bias/conv), or
+# stacked experts partitioned over expert (and expert-tensor) parallelism. The planner counts memory by
+# it; ``tests/unit/test_weight_map_splits.py`` checks it against megatron's own parameter attributes.
+REPLICATED, TENSOR_PARALLEL, EXPERT_PARALLEL = "replicated", "tp", "ep"
+SPLITS = (REPLICATED, TENSOR_PARALLEL, EXPERT_PARALLEL)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of a weight map.
@@ -158,12 +166,15 @@ class Rule:
     mg: tuple[str, ...]
     transform: Transform = field(default_factory=Identity)
     note: str = ""
+    split: str = "tp"  # how the Megatron tensor is spread over ranks: SPLITS
 
     @staticmethod
     def of(scope: str, hf: str | Sequence[str], mg: str | Sequence[str], transform: Transform | None = None,
-           note: str = "") -> "Rule":
+           note: str = "", split: str = "tp") -> "Rule":
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not one of {SPLITS}")
         as_tuple = lambda x: (x,) if isinstance(x, str) else tuple(x)  # noqa: E731
-        return Rule(scope, as_tuple(hf), as_tuple(mg), transform or Identity(), note)
+        return Rule(scope, as_tuple(hf), as_tuple(mg), transform or Identity(), note, split)
 
 
 @dataclass(frozen=True)

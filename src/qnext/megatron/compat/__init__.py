@@ -1,0 +1,27 @@
+"""Every workaround for megatron-core 0.19.2 in one place, one module per concern.
+
+Installed explicitly by the entry points (``install_all()``: the Megatron training entry, the layout
+check, ``qnext.megatron.parallel.initialize_parallel`` for scripts and tests); each replacement is
+idempotent and marked, and ``QNEXT_MEGATRON_FIXES=0`` turns the run-time replacements off. A
+megatron-core other than :data:`PINNED_MEGATRON_CORE` is warned about once: each module names behaviour
+of that version.
+
+- ``router_token_count``: the router aux-loss gradient under TP/CP (Megatron-LM pull request 7481).
+- ``thd_rope``: RoPE of a packed row in one pass (TE-free megatron loops over its sequences).
+- ``adam_resume``: five repairs of Adam's state around megatron's checkpoint load (step counters
+  shared or lost, lazily created states) and ``load_with_adam_state``, the load the entry uses.
+- ``initialize``: megatron.training's initialisation without its dataset-helper build step.
+- ``cpu``: building and running megatron modules without a GPU (tests, manifests, the layout check).
+"""
+from __future__ import annotations
+
+from ._patching import PINNED_MEGATRON_CORE, check_megatron_core_version, install  # noqa: F401
+from .router_token_count import install_router_token_count_fix
+from .thd_rope import install_thd_rope_vectorized
+
+
+def install_all() -> None:
+    """Every run-time replacement (each idempotent); warns once on another megatron-core."""
+    check_megatron_core_version()
+    install_router_token_count_fix()
+    install_thd_rope_vectorized()

@@ -1,0 +1,66 @@
+"""Fused elementwise ops of the TE-free stack, each next to the plain function it replaces.
+
+Transformer Engine fuses these into its own kernels; without it, each would be several passes over
+memory (a float32 copy, a product, a cast, and the same again in backward). Here ``torch.compile``
+generates one kernel per direction from the plain definition, so the arithmetic is the reference's:
+
+- :func:`swiglu_probs`: silu(gate) * up * routing probability of the routed experts, in float32,
+  rounded once to the tokens' dtype;
+- :func:`rms_norm`: x / rms(x) * (1 + w) (zero-centred) or * w, in float32, rounded once.
+
+The compiled forms run on CUDA tensors with ``QNEXT_FUSED=1`` (opt-in until checked in a GPU
+training step); CPU tensors and the default take the reference. ``tests/unit/test_fused_ops.py`` compares compiled and reference forms, values
+and gradients, on the CPU (where inductor compiles C++).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+ENV = "QNEXT_FUSED"
+
+
+def fused_enabled() -> bool:
+    """Opt-in (``QNEXT_FUSED=1``) until the compiled forms have run in a GPU training step
+    (``tests/gpu/test_megatron_model_gpu.py::test_fast_paths_match_the_reference_paths``)."""
+    return os.environ.get(ENV, "0") not in ("0", "false", "no", "off")
+
+
+# ------------------------------------------------------------------------------------------ reference
+def swiglu_probs_reference(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """h = [gate | up] (last dim 2F), probs [N] -> silu(gate) * up * probs, [N, F] in h's dtype."""
+    gate, up = torch.chunk(h.float(), 2, dim=-1)
+    return (F.silu(gate) * up * probs.float().unsqueeze(-1)).to(h.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.float()
+    y = y * (1.0 + w) if zero_centered else y * w
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ compiled
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)`` once per function (dynamic shapes: the token count changes per layer/batch)."""
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _use_compiled(x: torch.Tensor) -> bool:
+    return x.is_cuda and fused_enabled()
+
+
+def swiglu_probs(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    fn = compiled(swiglu_probs_reference) if _use_compiled(h) else swiglu_probs_reference
+    return fn(h, probs)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    fn = compiled(rms_norm_reference) if _use_compiled(x) else rms_norm_reference
+    return fn(x, weight, eps, zero_centered)

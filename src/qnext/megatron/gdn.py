@@ -1,0 +1,108 @@
+"""megatron-core's Gated DeltaNet with fla's kernels called the way fla is fastest.
+
+megatron-core 0.19.2 prepares the delta rule's inputs itself: it L2-normalises q and k with a
+separate kernel, repeats the 16 key heads to the 32 value heads (``repeat_interleave``, a copy of q
+and k twice their size), and hands fla's chunked kernel and causal conv the ``cu_seqlens`` of a packed
+row on the GPU only, from which fla derives its chunk tables with a host copy (a device sync) per
+call. fla 0.6 does all three itself: ``use_qk_l2norm_in_kernel``, grouped value heads (a value head
+reads key head ``hv // (HV / H)``, the same mapping as ``repeat_interleave``) and ``cu_seqlens_cpu``.
+
+:class:`QnextGatedDeltaNet` is megatron's module (same parameters, checkpoint keys and forward)
+with those three handed to fla. It applies where megatron would call fla's chunked kernel (not in
+``deterministic_mode``, megatron's torch path on CPU) and ``QNEXT_GDN_FLA_NATIVE=1`` asks for it;
+by default megatron's preparation runs (the reference; ``tests/gpu/test_megatron_model_gpu.py``
+compares the two, values and gradients, and the default flips once that has passed on a GPU).
+
+The host copy of ``cu_seqlens`` travels on the device tensor itself (:func:`attach_host_copy`,
+called where the packed row's parameters are built), so nothing in the layer reads the device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from megatron.core.ssm.gated_delta_net import common as _common
+from megatron.core.ssm.gated_delta_net import gdn as _gdn
+from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
+
+ENV = "QNEXT_GDN_FLA_NATIVE"
+_HOST = "_qnext_host_copy"
+
+
+def fla_native_enabled() -> bool:
+    """Opt-in (``QNEXT_GDN_FLA_NATIVE=1``) until ``tests/gpu/test_megatron_model_gpu.py::
+    test_fast_paths_match_the_reference_paths`` has passed on a GPU (see the README's speed notes)."""
+    return os.environ.get(ENV, "0") not in ("0", "false", "no", "off")
+
+
+def attach_host_copy(cu_device: torch.Tensor, cu_host: torch.Tensor) -> torch.Tensor:
+    """Remember the host copy of a device ``cu_seqlens`` on the tensor (for fla's ``cu_seqlens_cpu``)."""
+    setattr(cu_device, _HOST, cu_host.to(device="cpu", dtype=torch.int64))
+    return cu_device
+
+
+def host_copy(cu: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return getattr(cu, _HOST, None) if cu is not None else None
+
+
+def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+    """fla's ``causal_conv1d`` as megatron calls it, plus the host copy of ``cu_seqlens`` when known."""
+    if cu_seqlens_cpu is None:
+        cu_seqlens_cpu = host_copy(cu_seqlens)
+    return _FLA_CONV(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+
+
+_FLA_CONV = _gdn.causal_conv1d
+
+
+def _install_conv() -> None:
+    """megatron's GDN module calls its imported ``causal_conv1d``; point that name at the wrapper
+    (identical behaviour, fewer syncs). Idempotent."""
+    if _gdn.causal_conv1d is _FLA_CONV and _FLA_CONV is not None:
+        _gdn.causal_conv1d = _conv_with_host_lengths
+
+
+class QnextGatedDeltaNet(GatedDeltaNet):
+    """megatron's ``GatedDeltaNet`` with q/k L2 norm, grouped value heads and host ``cu_seqlens``
+    handed to fla (see the module docstring)."""
+
+    def _setup_variant_attrs(self):
+        super()._setup_variant_attrs()
+        rule = _common.chunk_gated_delta_rule
+        self.fla_native = rule is not None and self.gated_delta_rule is rule and fla_native_enabled() and self.cp_size == 1
+        if self.fla_native:
+            self.gated_delta_rule = self._fla_rule
+            _install_conv()
+
+    def _fla_rule(self, query, key, value, *, g, beta, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+        return _common.chunk_gated_delta_rule(
+            query, key, value, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=self.use_qk_l2norm or use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=host_copy(cu_seqlens), **kwargs)
+
+    def _prepare_input_for_gated_delta_rule(self, qkv, gate, batch, seq_len, *gate_feats):
+        if not self.fla_native:
+            return super()._prepare_input_for_gated_delta_rule(qkv, gate, batch, seq_len, *gate_feats)
+        query_key, value = torch.split(qkv, [2 * self.qk_dim_local_tp, self.v_dim_local_tp], dim=-1)
+        query, key = torch.split(query_key.reshape(batch, seq_len, -1, self.key_head_dim),
+                                 [self.num_k_heads_local_tp] * 2, dim=2)
+        value = value.reshape(batch, seq_len, -1, self.value_head_dim)
+        # the kernel normalises q/k and maps each value head to its key head itself
+        return (query.contiguous(), key.contiguous(), value.contiguous(), gate.contiguous(),
+                *(t.contiguous() for t in gate_feats))
+
+    def _resolve_cu_seqlens(self, cu_seqlens_padded, cu_seqlens_actual, total_seq_len, name, cp_size: int = 1):
+        """megatron checks ``cu_seqlens[-1]`` and the lengths' divisibility by cp on the host (two device
+        syncs per layer). Where the host copy is known the same checks run on it, for free."""
+        cu = cu_seqlens_padded if cu_seqlens_padded is not None else cu_seqlens_actual
+        host = host_copy(cu)
+        if host is None:
+            return super()._resolve_cu_seqlens(cu_seqlens_padded, cu_seqlens_actual, total_seq_len, name, cp_size)
+        if int(host[-1]) != total_seq_len:
+            raise ValueError(f"GDN: {name}[-1]={int(host[-1])} does not match total_sequence_length={total_seq_len}")
+        if bool(((host[1:] - host[:-1]) % cp_size != 0).any()):
+            raise ValueError(f"GDN: every sequence length in {name} must be divisible by cp_size={cp_size}")
+        return cu
