@@ -218,6 +218,26 @@ def planned_gib(overrides: list[str], ngpu: int) -> dict[str, float]:
             "planned_load_tensors_gib": pl.load / GIB}
 
 
+def ep_emulation(args, mode: str) -> dict[str, Any]:
+    """What a run with ``--experts N`` < 512 stands for: one rank of the full model under EP = 512 / N with
+    balanced routing (each GPU holds N experts and receives, per expert, as many tokens as routing its own
+    tokens top-10 over N experts gives it). It leaves out the expert-parallel all-to-all; its time is
+    estimated here from the bytes one GPU sends per step at NVLink's one-way bandwidth
+    (``qnext.throughput.ep_all_to_all_seconds``: a lower bound, no overlap with compute assumed)."""
+    from qnext.throughput import NVLINK_GBPS_ONE_WAY, ep_all_to_all_bytes, ep_all_to_all_seconds
+
+    full = json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text()) | {"num_hidden_layers": args.layers}
+    ep = 512 // args.experts
+    rc = args.recompute_lora if mode == "lora" else args.recompute_full
+    passes = 3 if rc in ("selective", "full") else 2
+    tokens = args.gbs * args.seq
+    gbps = NVLINK_GBPS_ONE_WAY["H200"]
+    return {"emulated_ep": ep, "a2a_bytes_per_step": ep_all_to_all_bytes(full, tokens, ep, moe_passes=passes),
+            "a2a_estimate_s": ep_all_to_all_seconds(full, tokens, ep, gbps_one_way=gbps, moe_passes=passes),
+            "a2a_assumed_gbps_one_way": gbps, "emulation_leaves_out": "the EP all-to-all (estimated), NCCL launch "
+            "latencies, load imbalance between ranks, the data-parallel gradient reduction of the adapters"}
+
+
 # ----------------------------------------------------------------------------------------- HF pipeline
 def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path, data: Optional[Path] = None) -> int:
     """What users write when they fall back to transformers: ``device_map="auto"`` over the visible GPUs,
@@ -368,6 +388,13 @@ def render(data: dict, out_dir: Path) -> None:
             lines.append(f"- {mode}: start-up (checkpoint load) planned {mg['planned_load_tensors_gib']:.1f} GiB vs "
                          f"{mg['startup_peak_gib']:.1f} GiB measured before step 1 ({100 * err:+.0f}%, "
                          f"{'met' if abs(err) <= 0.15 else 'NOT met'}).")
+    for r in rows:
+        if r.get("a2a_estimate_s") is not None and r.get("step_time_s"):
+            with_a2a = r["tokens_per_s_per_gpu"] * r["step_time_s"] / (r["step_time_s"] + r["a2a_estimate_s"])
+            lines.append(f"- {r['mode']}: one EP{r['emulated_ep']} rank of the full model emulated on one GPU; it leaves out "
+                         f"{r['emulation_leaves_out']}. All-to-all estimate {1e3 * r['a2a_estimate_s']:.0f} ms per step "
+                         f"({r['a2a_bytes_per_step'] / 1e9:.1f} GB sent at {r['a2a_assumed_gbps_one_way']:.0f} GB/s, a lower "
+                         f"bound): {with_a2a:,.0f} tokens/s/GPU with it added unoverlapped.")
     fails = [r for r in rows if r.get("error")]
     if fails:
         lines += ["", "Failed runs (last lines of their logs are in the JSON):"]
@@ -528,6 +555,8 @@ def main() -> int:
         except ValueError as err:
             row.setdefault("error", str(err))
         row["matmul_peak_tflops"] = peak["tflops"]
+        if approach == "megatron" and args.experts < 512 and "step_time_s" in row:
+            row.update(ep_emulation(args, mode))
         print(f"[bench] {approach} {mode}: " + json.dumps({k: v for k, v in row.items() if k not in ('log_tail', 'losses')}),
               flush=True)
         data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"]) != (approach, mode)] + [row]

@@ -134,3 +134,33 @@ def mfu(tflops_per_device: float, device_name: Optional[str]) -> Optional[float]
     """Achieved / peak, or None when the GPU's peak is unknown (CPU, unlisted GPU)."""
     peak = peak_tflops(device_name)
     return None if not peak else tflops_per_device / peak
+
+
+# Per-GPU NVLink bandwidth, one direction, GB/s (datasheets: NVLink 4 is 900 GB/s per GPU in both
+# directions together on H100/H200 SXM; NVLink 5 1800 GB/s on B200). An all-to-all moves data both ways
+# at once, so each GPU's send volume meets half the bidirectional figure; NCCL reaches less than that.
+NVLINK_GBPS_ONE_WAY = {"H100": 450.0, "H200": 450.0, "B200": 900.0}
+
+
+def ep_all_to_all_bytes(hf_config: Mapping[str, Any], tokens_per_gpu: int, ep: int, *, moe_passes: int = 2,
+                        bytes_per_value: int = 2) -> float:
+    """Bytes one GPU sends in the expert-parallel all-to-alls of one training step, with balanced routing.
+
+    Per MoE layer and forward pass each of the ``tokens_per_gpu`` tokens sends ``top_k`` hidden vectors to
+    the ranks holding its experts, of which a share ``(ep - 1) / ep`` leaves the GPU (dispatch), and the
+    same comes back (combine); the backward pass moves the same again (the gradients of both). So
+    ``moe_passes`` x 2 x tokens x top_k x hidden x bytes x (ep - 1) / ep per layer: ``moe_passes`` = 2
+    (forward + backward), 3 when the MoE block is recomputed. The routing probabilities (4 bytes per
+    token and choice) are left out (under 0.1% of it)."""
+    d = Qwen3NextDims.from_hf_config(hf_config)
+    topk = int(hf_config.get("num_experts_per_tok") or 0)
+    moe_layers = sum(1 for m in d.moe_layers if m)
+    per_layer = 2 * tokens_per_gpu * topk * d.hidden * bytes_per_value * (ep - 1) / ep
+    return float(moe_passes * per_layer * moe_layers)
+
+
+def ep_all_to_all_seconds(hf_config: Mapping[str, Any], tokens_per_gpu: int, ep: int, *, gbps_one_way: float = 450.0,
+                          moe_passes: int = 2) -> float:
+    """:func:`ep_all_to_all_bytes` at ``gbps_one_way`` GB/s per GPU: a lower bound on the all-to-all time
+    of a step (achieved NCCL bandwidth is lower; overlap with compute would hide part of it)."""
+    return ep_all_to_all_bytes(hf_config, tokens_per_gpu, ep, moe_passes=moe_passes) / (gbps_one_way * 1e9)

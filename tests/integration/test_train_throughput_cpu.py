@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -76,3 +78,24 @@ def test_render_writes_the_table_with_ratios_and_targets(tmp_path):
     assert "| 12.0x |" in md and "22.0 (+10%)" in md
     assert "lora: Megatron / HF pipeline = 12.00x (met, target 2.0x)" in md and "(+10%, met)" in md and "allowance 25.0 GiB" in md
     assert "FSDP backend (this repo) lora: out of memory" in md
+
+
+def test_ep_emulation_row_says_what_it_leaves_out(tmp_path):
+    """``--experts 64`` stands for one EP8 rank: the record carries the all-to-all estimate and the table
+    says what the emulation leaves out and the tokens/s with the estimate added."""
+    import types
+
+    tt = _bench()
+    args = types.SimpleNamespace(layers=48, experts=64, gbs=2, seq=4096, recompute_lora="none", recompute_full="selective")
+    em = tt.ep_emulation(args, "lora")
+    assert em["emulated_ep"] == 8 and 0.1 < em["a2a_estimate_s"] < 0.15  # 2 x 48 layers x 2 x 8192 x 10 x 2048 x 2 B x 7/8
+    assert tt.ep_emulation(args, "full")["a2a_estimate_s"] == pytest.approx(1.5 * em["a2a_estimate_s"])  # MoE recomputed
+    env = {"date": "2026-12-03", "gpu": "GPU", "gpus": 1, "model": "m", "command": "c", "matmul_peak_tflops": 500.0,
+           "matmul_shape": "s", "datasheet_peak_tflops": 1000.0, "seq": 4096, "gbs": 2, "steps": 6, "warmup": 2}
+    row = {"approach": "megatron", "mode": "lora", "layout": "x", "step_time_s": 1.0, "tokens_per_s_per_gpu": 8192.0,
+           "tflops_per_gpu": 50.0, "mfu_measured_peak": 0.1, "peak_mem_gib": 20.0, **em}
+    tt.render({"environment": env, "runs": [row]}, tmp_path)
+    md = (tmp_path / "train_throughput.md").read_text()
+    assert "one EP8 rank of the full model emulated" in md and "leaves out the EP all-to-all" in md
+    expect = 8192.0 / (1.0 + em["a2a_estimate_s"])
+    assert f"{expect:,.0f} tokens/s/GPU with it added" in md

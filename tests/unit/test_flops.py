@@ -117,3 +117,20 @@ def test_training_passes_full_three_lora_two(cfg):
     assert abs(ratios["full"] - 3.0) < 1e-6, ratios
     assert 1.75 < ratios["lora"] <= 2.0, ratios
     assert step_flops(cfg, [T], lora=False) / step_flops(cfg, [T], lora=True) == 1.5
+
+
+def test_ep_all_to_all_estimate_of_the_80b_recipe():
+    """The arithmetic the one-GPU emulation of the 80B recipe's EP8 rank uses for its missing all-to-all:
+    48 MoE layers, top-10 of hidden 2048 in bf16, 4096 tokens per GPU, 7/8 of the copies leave the GPU."""
+    import json
+    from pathlib import Path
+
+    from qnext.throughput import ep_all_to_all_bytes, ep_all_to_all_seconds
+
+    hf = json.loads((Path(__file__).resolve().parents[2] / "models/qwen3_next_80b_a3b/config.json").read_text())
+    per_layer_pass = 2 * 4096 * 10 * 2048 * 2 * 7 / 8  # dispatch + combine, one pass
+    assert ep_all_to_all_bytes(hf, 4096, 8) == 2 * 48 * per_layer_pass
+    assert ep_all_to_all_bytes(hf, 4096, 8, moe_passes=3) == 3 * 48 * per_layer_pass
+    assert ep_all_to_all_bytes(hf, 4096, 1) == 0.0  # all experts local: nothing moves
+    assert abs(ep_all_to_all_seconds(hf, 4096, 8) - 2 * 48 * per_layer_pass / 450e9) < 1e-12
+    assert 0.05 < ep_all_to_all_seconds(hf, 4096, 8) < 0.07  # about 63 ms of NVLink per 4096-token step
