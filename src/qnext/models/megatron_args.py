@@ -10,7 +10,9 @@ and ``slime_plugins/models/qwen3_next.py``) build the linear-attention layers th
 come from the HF config named by ``--hf-checkpoint``) and give ``--moe-layer-freq`` as a list;
 they load ``make convert ARGS="--format slime"`` checkpoints. Both set dropout to zero explicitly
 (the HF config has none; Megatron's defaults are 0.1). Only architecture and the MoE kernels;
-parallel sizes, batch sizes and learning rates belong to the caller.
+parallel sizes, batch sizes and learning rates belong to the caller. Every value is read off the
+``TransformerConfig`` that ``qnext.megatron.config.hf_to_transformer_config`` builds (the one
+translation of an HF config; RoPE, layer patterns and MoE routing are decided there only).
 """
 from __future__ import annotations
 
@@ -18,88 +20,91 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from .qwen3_next import FULL_ATTENTION, Qwen3NextDims
-
-
-def _rope(cfg: Mapping[str, Any]) -> tuple[float, float]:
-    params = cfg.get("rope_parameters") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
-    partial = cfg.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0))
-    return float(theta), float(partial)
 
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _pattern(value) -> str:
+    return str(int(value)) if isinstance(value, int) else "[" + ",".join(str(int(v)) for v in value) + "]"
+
+
 def model_args(cfg: Mapping[str, Any], *, mtp: bool = False, slime: bool = False) -> list[tuple[str, str | None]]:
     """(flag, value) pairs; value None for a switch. ``mtp``: also build the MTP block;
-    ``slime``: slime's flags (its spec for the linear-attention layers, a list ``--moe-layer-freq``)."""
-    d = Qwen3NextDims.from_hf_config(cfg)
-    theta, partial = _rope(cfg)
-    la_pattern = [0 if t == FULL_ATTENTION else 1 for t in d.layer_types]
-    interval = cfg.get("full_attention_interval")
-    if interval and la_pattern == [0 if (i + 1) % int(interval) == 0 else 1 for i in range(len(la_pattern))]:
-        la_freq = str(int(interval))
-    else:
-        la_freq = "[" + ",".join(map(str, la_pattern)) + "]"
-    moe_freq = "[" + ",".join("1" if m else "0" for m in d.moe_layers) + "]"
-    if all(d.moe_layers) and not slime:
-        moe_freq = "1"
+    ``slime``: slime's flags (its spec for the linear-attention layers, a list ``--moe-layer-freq``).
+
+    Every value is read off the ``TransformerConfig`` and GPT arguments that ``qnext.megatron.config.
+    hf_to_transformer_config`` builds for this HF config (Transformer Engine layers, as a Megatron-LM or
+    slime user runs them): one translation of the HF config, the flags derived from it, so the flags and
+    qnext's own model cannot disagree (``tests/integration/test_model_args_megatron.py`` also parses them
+    with megatron's parser and compares with the config)."""
+    import torch
+
+    from ..megatron.config import hf_to_transformer_config
+
+    m = hf_to_transformer_config(cfg, None, torch.bfloat16, use_te=True)
+    c = m.config
+    on = lambda flag, cond: [(flag, None)] if cond else []  # noqa: E731
     args: list[tuple[str, str | None]] = [("--spec", SLIME_SPEC)] if slime else []
     args += [
-        ("--num-layers", str(len(d.layer_types))),
-        ("--hidden-size", str(d.hidden)),
-        ("--ffn-hidden-size", str(d.dense_ffn)),
-        ("--num-attention-heads", str(d.num_heads)),
+        ("--num-layers", str(c.num_layers)),
+        ("--hidden-size", str(c.hidden_size)),
+        ("--ffn-hidden-size", str(c.ffn_hidden_size)),
+        ("--num-attention-heads", str(c.num_attention_heads)),
         ("--group-query-attention", None),
-        ("--num-query-groups", str(d.num_groups)),
-        ("--kv-channels", str(d.head_dim)),
-        ("--attention-output-gate", None),
-        *([("--use-gated-attention", None)] if slime else []),
-        ("--qk-layernorm", None),
-        ("--normalization", "RMSNorm"),
-        ("--apply-layernorm-1p", None),
-        ("--norm-epsilon", f"{float(cfg.get('rms_norm_eps', 1e-6)):g}"),
-        ("--position-embedding-type", "rope"),
-        ("--rotary-percent", _num(partial)),
-        ("--rotary-base", _num(theta)),
-        ("--max-position-embeddings", str(cfg.get("max_position_embeddings", 4096))),
-        ("--swiglu", None),
-        ("--disable-bias-linear", None),
-        ("--vocab-size", str(d.vocab)),
-        ("--attention-dropout", _num(cfg.get("attention_dropout", 0.0) or 0.0)),
-        ("--hidden-dropout", "0"),
+        ("--num-query-groups", str(c.num_query_groups)),
+        ("--kv-channels", str(c.kv_channels)),
+        *on("--attention-output-gate", c.attention_output_gate),
+        *on("--use-gated-attention", slime and c.attention_output_gate),
+        *on("--qk-layernorm", c.qk_layernorm),
+        ("--normalization", c.normalization),
+        *on("--apply-layernorm-1p", c.layernorm_zero_centered_gamma),
+        ("--norm-epsilon", f"{float(c.layernorm_epsilon):g}"),
+        ("--position-embedding-type", m.position_embedding_type),
+        ("--rotary-percent", _num(m.rotary_percent)),
+        ("--rotary-base", _num(m.rotary_base)),
+        ("--max-position-embeddings", str(m.max_sequence_length)),
+        *on("--swiglu", c.gated_linear_unit and c.activation_func.__name__ == "silu"),
+        *on("--disable-bias-linear", not c.add_bias_linear),
+        ("--vocab-size", str(m.vocab_size)),
+        ("--attention-dropout", _num(c.attention_dropout)),
+        ("--hidden-dropout", _num(c.hidden_dropout)),
     ]
     if not slime:  # slime's spec builds the linear-attention layers from the HF config instead
         args += [
-            ("--experimental-attention-variant", "gated_delta_net"),
-            ("--linear-attention-freq", la_freq),
-            ("--linear-conv-kernel-dim", str(d.conv_kernel)),
-            ("--linear-key-head-dim", str(d.dk)),
-            ("--linear-value-head-dim", str(d.dv)),
-            ("--linear-num-key-heads", str(d.nk)),
-            ("--linear-num-value-heads", str(d.nv)),
+            ("--experimental-attention-variant", c.experimental_attention_variant),
+            ("--linear-attention-freq", _pattern(c.linear_attention_freq)),
+            ("--linear-conv-kernel-dim", str(c.linear_conv_kernel_dim)),
+            ("--linear-key-head-dim", str(c.linear_key_head_dim)),
+            ("--linear-value-head-dim", str(c.linear_value_head_dim)),
+            ("--linear-num-key-heads", str(c.linear_num_key_heads)),
+            ("--linear-num-value-heads", str(c.linear_num_value_heads)),
         ]
-    if not d.tied:
+    if not m.share_embeddings_and_output_weights:
         args.append(("--untie-embeddings-and-output-weights", None))
-    if d.num_experts:
+    if c.num_moe_experts:
+        freq = c.moe_layer_freq
+        if slime and isinstance(freq, int):  # slime passes the per-layer list
+            from .qwen3_next import Qwen3NextDims
+
+            freq = [1 if moe else 0 for moe in Qwen3NextDims.from_hf_config(cfg).moe_layers]
         args += [
-            ("--num-experts", str(d.num_experts)),
-            ("--moe-ffn-hidden-size", str(d.moe_ffn)),
-            ("--moe-router-topk", str(cfg.get("num_experts_per_tok", 1))),
-            ("--moe-router-score-function", "softmax"),
-            ("--moe-layer-freq", moe_freq),
-            ("--moe-router-dtype", "fp32"),
-            ("--moe-aux-loss-coeff", _num(cfg.get("router_aux_loss_coef", 0.0))),
-            ("--moe-grouped-gemm", None),
-            ("--moe-token-dispatcher-type", "alltoall"),
+            ("--num-experts", str(c.num_moe_experts)),
+            ("--moe-ffn-hidden-size", str(c.moe_ffn_hidden_size)),
+            ("--moe-router-topk", str(c.moe_router_topk)),
+            ("--moe-router-score-function", c.moe_router_score_function),
+            ("--moe-layer-freq", _pattern(freq)),
+            ("--moe-router-dtype", c.moe_router_dtype),
+            ("--moe-aux-loss-coeff", _num(c.moe_aux_loss_coeff)),
+            *on("--moe-grouped-gemm", c.moe_grouped_gemm),
+            ("--moe-token-dispatcher-type", c.moe_token_dispatcher_type),
         ]
-        if not cfg.get("norm_topk_prob", True):
-            # HF then keeps the softmax over all experts: Megatron's pre-softmax routing
-            args.append(("--moe-router-pre-softmax", None))
-        if d.shared_ffn:
-            args += [("--moe-shared-expert-intermediate-size", str(d.shared_ffn)), ("--moe-shared-expert-gate", None)]
+        # HF without norm_topk_prob keeps the softmax over all experts: Megatron's pre-softmax routing
+        args += on("--moe-router-pre-softmax", c.moe_router_pre_softmax)
+        if c.moe_shared_expert_intermediate_size:
+            args.append(("--moe-shared-expert-intermediate-size", str(c.moe_shared_expert_intermediate_size)))
+            args += on("--moe-shared-expert-gate", c.moe_shared_expert_gate)
     if mtp:
         args.append(("--mtp-num-layers", "1"))
     return args
@@ -154,14 +159,34 @@ def render_slime_sh(name: str, config_path: str, cfg: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# TransformerConfig fields Megatron-Bridge's GPT provider takes from run_config.yaml, copied from ours
+_BRIDGE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "normalization", "layernorm_zero_centered_gamma", "layernorm_epsilon", "gated_linear_unit", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "attention_output_gate", "hidden_dropout", "attention_dropout",
+    "experimental_attention_variant", "linear_attention_freq", "linear_conv_kernel_dim", "linear_key_head_dim",
+    "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+)
+_BRIDGE_MOE_FIELDS = (
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_score_function", "moe_router_pre_softmax",
+    "moe_router_dtype", "moe_aux_loss_coeff", "moe_grouped_gemm", "moe_token_dispatcher_type", "moe_layer_freq",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+)
+
+
 def bridge_model_config(cfg: Mapping[str, Any], *, mtp: bool = False, hf_model_id: str | None = None) -> dict[str, Any]:
     """The ``model`` section of Megatron-Bridge's ``run_config.yaml`` for our layout: its GPT
-    provider's field names (TransformerConfig's), the values of ``model_args``, at TP = PP = 1 (a
-    converted checkpoint is not sharded; Bridge compares these with the run's sizes only to decide
-    whether to load RNG and optimizer state, which a release checkpoint does not have)."""
-    d = Qwen3NextDims.from_hf_config(cfg)
-    a = dict(model_args(cfg))
-    theta, partial = _rope(cfg)
+    provider's field names (TransformerConfig's), read off the same ``TransformerConfig`` as
+    ``model_args`` (Transformer Engine layers), at TP = PP = 1 (a converted checkpoint is not sharded;
+    Bridge compares these with the run's sizes only to decide whether to load RNG and optimizer state,
+    which a release checkpoint does not have)."""
+    import torch
+
+    from ..megatron.config import hf_to_transformer_config
+
+    m = hf_to_transformer_config(cfg, None, torch.bfloat16, use_te=True)
+    c = m.config
+    plain = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
     out: dict[str, Any] = {
         "_target_": "megatron.bridge.models.gpt_provider.GPTModelProvider",
         "transformer_layer_spec": {
@@ -170,33 +195,15 @@ def bridge_model_config(cfg: Mapping[str, Any], *, mtp: bool = False, hf_model_i
             "_call_": False,
         },
         "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-        "num_layers": len(d.layer_types), "hidden_size": d.hidden, "ffn_hidden_size": d.dense_ffn,
-        "num_attention_heads": d.num_heads, "num_query_groups": d.num_groups, "kv_channels": d.head_dim,
-        "vocab_size": d.vocab, "seq_length": int(cfg.get("max_position_embeddings", 4096)),
-        "normalization": "RMSNorm", "layernorm_zero_centered_gamma": True,
-        "layernorm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "gated_linear_unit": True, "add_bias_linear": False, "add_qkv_bias": False, "qk_layernorm": True,
-        "attention_output_gate": True, "position_embedding_type": "rope", "rotary_percent": partial,
-        "rotary_base": theta, "share_embeddings_and_output_weights": d.tied,
-        "hidden_dropout": 0.0, "attention_dropout": 0.0,
-        "experimental_attention_variant": "gated_delta_net",
-        "linear_attention_freq": int(a["--linear-attention-freq"]) if a["--linear-attention-freq"].isdigit()
-        else [int(x) for x in a["--linear-attention-freq"].strip("[]").split(",")],
-        "linear_conv_kernel_dim": d.conv_kernel, "linear_key_head_dim": d.dk, "linear_value_head_dim": d.dv,
-        "linear_num_key_heads": d.nk, "linear_num_value_heads": d.nv,
+        **{f: plain(getattr(c, f)) for f in _BRIDGE_FIELDS},
+        "vocab_size": m.vocab_size, "seq_length": m.max_sequence_length,
+        "position_embedding_type": m.position_embedding_type, "rotary_percent": m.rotary_percent,
+        "rotary_base": m.rotary_base, "share_embeddings_and_output_weights": m.share_embeddings_and_output_weights,
         "hetereogenous_dist_checkpoint": True,  # Bridge's (sic) field for mixed layer types
         "mtp_num_layers": 1 if mtp else None,
     }
-    if d.num_experts:
-        out.update({
-            "num_moe_experts": d.num_experts, "moe_ffn_hidden_size": d.moe_ffn,
-            "moe_router_topk": int(cfg.get("num_experts_per_tok", 1)), "moe_router_score_function": "softmax",
-            "moe_router_pre_softmax": "--moe-router-pre-softmax" in a, "moe_router_dtype": "fp32",
-            "moe_aux_loss_coeff": float(cfg.get("router_aux_loss_coef", 0.0)), "moe_grouped_gemm": True,
-            "moe_token_dispatcher_type": "alltoall",
-            "moe_layer_freq": 1 if all(d.moe_layers) else [int(m) for m in d.moe_layers],
-            "moe_shared_expert_intermediate_size": d.shared_ffn or None, "moe_shared_expert_gate": bool(d.shared_ffn),
-        })
+    if c.num_moe_experts:
+        out.update({f: plain(getattr(c, f)) for f in _BRIDGE_MOE_FIELDS})
     if hf_model_id:
         out["hf_model_id"] = hf_model_id
     return out
