@@ -33,13 +33,14 @@ from .fused import swiglu_probs
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the fused grouped GEMM applies: CUDA bf16 with 16-byte aligned rows."""
+def grouped_mm_usable(x: torch.Tensor, weight: torch.Tensor, weight_dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether the fused grouped GEMM applies: CUDA bf16 with 16-byte aligned rows (``weight_dtype``: the
+    dtype the weight is computed in, when it is stored otherwise, e.g. FP8 dequantized to bf16)."""
     return (
         _GROUPED_MM is not None
         and x.is_cuda
         and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
+        and (weight_dtype or weight.dtype) == torch.bfloat16
         and x.shape[0] > 0
         and weight.shape[-1] % 8 == 0
         and weight.shape[-2] % 8 == 0
@@ -75,9 +76,28 @@ class ExpertWeight(nn.Module):
     def set_extra_state(self, state) -> None:
         """Extra state (None per expert, or TE's fp8 metadata) carries nothing this module uses."""
 
+    @property
+    def quantized(self) -> bool:
+        return "q" in self._buffers
+
+    @torch.no_grad()
+    def quantize_fp8_(self) -> None:
+        """Hold the (frozen) weight as FP8 e4m3 with per-row scales (``qnext.quant.fp8``); the bf16
+        parameter is released."""
+        from ..quant.fp8 import quantize_rows
+
+        if self.quantized:
+            return
+        if self.weight.requires_grad:
+            raise ValueError("only frozen expert weights can be quantized (LoRA with train.lora.experts=false)")
+        q, scale = quantize_rows(self.weight.data)
+        del self.weight
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+
     def extra_repr(self) -> str:
-        e, o, i = self.weight.shape
-        return f"experts={e}, out_features={o}, in_features={i}"
+        e, o, i = (self.q if self.quantized else self.weight).shape
+        return f"experts={e}, out_features={o}, in_features={i}" + (", fp8 e4m3" if self.quantized else "")
 
 
 class GroupedGemmExperts(MegatronModule):
@@ -159,17 +179,32 @@ class GroupedGemmExperts(MegatronModule):
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
         counts, offsets = None, None
-        if grouped_mm_usable(x, self.linear_fc1.weight):
+        fc1 = self.linear_fc1.q if self.linear_fc1.quantized else self.linear_fc1.weight
+        if grouped_mm_usable(x, fc1, x.dtype if self.linear_fc1.quantized else None):
             # group ends from the counts where they are (the GPU, from qnext's sorted dispatcher): no host copy
             t = torch.as_tensor(tokens_per_expert, device=x.device)
             offsets = t.cumsum(0, dtype=torch.int32)
         else:  # the per-expert loop needs the counts on the host
             t = tokens_per_expert
             counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
-        h = grouped_linear(x, self.linear_fc1.weight, counts, offsets)
+        h = self._project(self.linear_fc1, x, counts, offsets)
         h = self._activation(h, probs)
-        out = grouped_linear(h, self.linear_fc2.weight, counts, offsets)
+        out = self._project(self.linear_fc2, h, counts, offsets)
         return out, None
+
+    @staticmethod
+    def _project(m: "ExpertWeight", x: torch.Tensor, counts, offsets) -> torch.Tensor:
+        if m.quantized:
+            from ..quant.fp8 import fp8_grouped_linear
+
+            return fp8_grouped_linear(x, m.q, m.scale, grouped_linear, counts, offsets)
+        return grouped_linear(x, m.weight, counts, offsets)
+
+    def quantize_fp8_(self) -> None:
+        """FP8 e4m3 frozen expert weights (``ExpertWeight.quantize_fp8_``). Checkpoints of such a module are
+        not wired yet: ``sharded_state_dict`` refuses them."""
+        self.linear_fc1.quantize_fp8_()
+        self.linear_fc2.quantize_fp8_()
 
     def backward_dw(self):
         """Weight grads are computed in the ordinary backward (no delayed wgrad)."""
@@ -177,6 +212,12 @@ class GroupedGemmExperts(MegatronModule):
     # ------------------------------------------------------------------ checkpoint layout
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Per-expert ShardedTensors identical to ``SequentialMLP.sharded_state_dict``'s."""
+        if self.linear_fc1.quantized or self.linear_fc2.quantized:
+            from ..errors import UserError
+
+            raise UserError("FP8 expert weights cannot be saved or loaded through torch_dist checkpoints yet",
+                            hint="quantize after the checkpoint load and train without saving the base (LoRA adapters "
+                                 "are exported separately), or keep the experts in bf16")
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         num_global = self.ep_group.size() * self.num_local_experts

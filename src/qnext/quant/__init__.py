@@ -1,0 +1,1 @@
+"""Quantized frozen base weights for LoRA (FP8 e4m3 today; see ``fp8``)."""

@@ -1,0 +1,71 @@
+"""FP8 (e4m3) frozen routed-expert weights for LoRA: half the bytes of bf16, dequantized per layer just in
+time for the grouped GEMM.
+
+Qwen3-Next-80B-A3B's routed experts are 77.3 B of its 79.7 B parameters; in bf16 they alone are 155 GB,
+in e4m3 with one fp32 scale per output row 77 GB, which fits one H200 next to the rest of the model.
+
+- :func:`quantize_rows`: one scale per row (per expert and output feature), ``amax / 448`` (448 is
+  e4m3's largest finite value), so every row uses the format's whole range.
+- :func:`dequantize_rows`: ``q * scale`` in the compute dtype.
+- Error bound (:func:`error_bound`): e4m3 keeps 3 mantissa bits, so a normal value is off by at most
+  half a step, 2^-4 of itself; values below e4m3's smallest normal (2^-6 x scale) sit on its subnormal
+  grid of spacing 2^-9 x scale, off by at most 2^-10 x scale.
+- :func:`fp8_grouped_linear`: rows grouped by expert times each expert's dequantized weight. Its
+  backward dequantizes again for the input gradient, so between forward and backward only the FP8
+  weights stay in memory (autograd would otherwise keep every layer's bf16 copy alive until its
+  backward); the frozen weights get no gradient.
+
+The reference is the bf16 computation with the dequantized weights (``tests/unit/test_quant_fp8.py``
+compares them exactly, and the quantized model's LoRA logits and gradients with the bf16 model's within
+a tolerance derived from the bound).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+_NORMAL_REL = 2.0**-4  # half a step of a 3-bit mantissa, relative
+_SUBNORMAL_ABS = 2.0**-10  # half the subnormal spacing 2^-9, in units of the row scale
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [..., out, in] -> (e4m3 values of the same shape, fp32 scales [..., out, 1])."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return (q.float() * scale).to(dtype)
+
+
+def error_bound(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |w - dequantize(quantize(w))| (fp32, before the cast to the compute dtype)."""
+    return torch.maximum(_NORMAL_REL * w.float().abs(), _SUBNORMAL_ABS * scale.expand_as(w))
+
+
+class _Fp8GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, scale, grouped: Callable, counts: Optional[list[int]], offsets: Optional[torch.Tensor]):
+        ctx.save_for_backward(q, scale)
+        ctx.grouped, ctx.counts, ctx.offsets = grouped, counts, offsets
+        return grouped(x, dequantize_rows(q, scale, x.dtype), counts, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, scale = ctx.saved_tensors
+        w_t = dequantize_rows(q, scale, grad.dtype).transpose(-2, -1).contiguous()  # [E, in, out]
+        return ctx.grouped(grad, w_t, ctx.counts, ctx.offsets), None, None, None, None, None
+
+
+def fp8_grouped_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, grouped: Callable,
+                       counts: Optional[list[int]], offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``grouped(x, weight, counts, offsets)`` (rows of ``x`` grouped by expert times each expert's
+    weight, ``qnext.megatron.experts.grouped_linear``) with the dequantized weight; input gradient only
+    (the weights are frozen)."""
+    return _Fp8GroupedLinear.apply(x, q, scale, grouped, counts, offsets)

@@ -1,0 +1,112 @@
+"""FP8 (e4m3, per-row scales) frozen expert weights (``qnext.quant.fp8``) on CPU: the quantization error
+stays within the format's bound, the FP8 grouped linear equals the bf16 computation with the
+dequantized weights exactly (forward and input gradient), and the experts module with FP8 weights
+stays within the tolerance the bound implies of the bf16 one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qnext.quant.fp8 import FP8, dequantize_rows, error_bound, fp8_grouped_linear, quantize_rows
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "models/tiny_qwen3_next/config.json"
+
+
+def test_quantize_dequantize_error_within_the_format_bound():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 40, 64, generator=g) * torch.logspace(-3, 1, 40)[None, :, None]  # rows of very different size
+    w[0, 0] = 0.0  # an all-zero row
+    w[1, 1, :5] = 1e-7  # values deep in the subnormal range of their row
+    q, scale = quantize_rows(w.to(torch.bfloat16))
+    assert q.dtype == FP8 and scale.shape == (6, 40, 1) and q.shape == w.shape
+    assert float(q.float().abs().max()) <= 448.0
+    wb = w.to(torch.bfloat16).float()
+    err = (dequantize_rows(q, scale, torch.float32) - wb).abs()
+    assert bool((err <= error_bound(wb, scale) * (1 + 1e-6)).all()), float((err / error_bound(wb, scale)).max())
+    assert bool((dequantize_rows(q, scale, torch.float32)[0, 0] == 0).all())
+    # the bound is tight: some elements use most of it (else it would not test anything)
+    assert float((err / error_bound(wb, scale)).max()) > 0.5
+
+
+def _grouped(x, w, counts, offsets=None):
+    from qnext.megatron.experts import grouped_linear
+
+    return grouped_linear(x, w, counts, offsets)
+
+
+def test_fp8_grouped_linear_equals_the_dequantized_bf16_computation():
+    g = torch.Generator().manual_seed(1)
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 32, generator=g).to(torch.bfloat16)
+    q, scale = quantize_rows(torch.randn(4, 24, 32, generator=g))
+    w = dequantize_rows(q, scale, torch.bfloat16)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    y_fp8 = fp8_grouped_linear(xs[0], q, scale, _grouped, counts)
+    y_ref = _grouped(xs[1], w, counts)
+    assert torch.equal(y_fp8, y_ref)
+    grad = torch.randn(y_ref.shape, generator=g).to(torch.bfloat16)
+    y_fp8.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+
+
+@pytest.fixture(scope="module")
+def world():
+    from qnext.megatron.parallel import initialize_parallel
+
+    initialize_parallel()
+    yield
+
+
+def test_fp8_experts_module_within_the_bound_of_bf16(world):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+    from qnext.megatron.config import hf_to_transformer_config
+    from qnext.megatron.experts import GroupedGemmExperts
+    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES
+
+    cfg = json.loads(TINY.read_text()) | {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 6}
+    tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES).config
+    mods = [GroupedGemmExperts(6, tc, pg_collection=get_default_pg_collection()) for _ in range(2)]
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name in ("linear_fc1", "linear_fc2"):
+            w = torch.randn(getattr(mods[0], name).weight.shape, generator=g) * 0.1
+            for m in mods:
+                getattr(m, name).weight.copy_(w)
+    for m in mods:
+        m.requires_grad_(False)  # frozen base, as in LoRA
+    mods[1].quantize_fp8_()
+    assert mods[1].linear_fc1.quantized and not any(True for _ in mods[1].parameters())
+    counts = torch.tensor([4, 0, 7, 3, 1, 5])
+    x = torch.randn(int(counts.sum()), 64, generator=g)
+    probs = torch.rand(x.shape[0], generator=g)
+    outs, grads = [], []
+    for m in mods:
+        xi = x.clone().requires_grad_(True)
+        out, _ = m(xi, counts, probs)
+        out.backward(torch.ones_like(out))
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    # each weight is off by at most 2^-4 of itself (normal range); rounding errors of independent weights
+    # add in quadrature, so the outputs move by about 2^-4/sqrt(3) = 3.6% (relative L2): allow 2^-4
+    print("fp8 vs bf16 experts, rel L2 (out, input grad):", rel(outs[1], outs[0]), rel(grads[1], grads[0]))
+    assert 0 < rel(outs[1], outs[0]) < 2.0**-4
+    assert 0 < rel(grads[1], grads[0]) < 2.0**-4
+    from qnext.errors import UserError
+
+    with pytest.raises(UserError, match="FP8 expert weights"):
+        mods[1].sharded_state_dict("decoder.layers.0.mlp.experts.")
+
+
+def test_trained_weights_are_not_quantized(world):
+    from qnext.megatron.experts import ExpertWeight
+
+    m = ExpertWeight(2, 4, 8, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="frozen"):
+        m.quantize_fp8_()
