@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -26,15 +27,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
 
     from qnext.config import load_config, validate_config
-    from qnext.plan import GIB, plan, propose_layouts, resolve_recompute
+    from qnext.plan import GIB, plan, resolve_recompute
 
     cfg = load_config(args.overrides)
     if cfg.parallel.backend != "megatron":
         raise UserError(f"parallel.backend={cfg.parallel.backend}: the planner models the Megatron backend",
                         hint="pick a Megatron recipe or layout (parallel=8xh100, parallel=4x8, parallel=1gpu)")
     gpus = args.gpus or cfg.parallel.num_nodes * cfg.parallel.num_gpus_per_node
-    validate_config(cfg, world_size=gpus, check_files=False)
-    cfg, why = resolve_recompute(cfg, gpus, args.gpu_mem * GIB)
+    limit = args.gpu_mem * GIB
+    try:
+        validate_config(cfg, world_size=gpus, check_files=False)
+    except UserError as err:
+        plain = replace(cfg, parallel=replace(cfg.parallel, tp=1, pp=1, ep=1, etp=1, cp=1, num_nodes=1,
+                                                 num_gpus_per_node=gpus))
+        try:
+            validate_config(plain, world_size=gpus, check_files=False)
+        except UserError:
+            raise err from None  # not (only) the layout: the recipe itself is wrong
+        p = cfg.parallel
+        print(f"the recipe's layout (tp {p.tp} pp {p.pp} ep {p.ep} etp {p.etp} cp {p.cp}) does not fit {gpus} GPUs: "
+              f"{err.message.splitlines()[-1].strip(' -')}")
+        return _propose(plain, gpus, limit, args.gpu_mem)
+    cfg, why = resolve_recompute(cfg, gpus, limit)
     if why != "set by the recipe":
         print(why)
     p = plan(cfg, world_size=gpus)
@@ -44,9 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fits: {p.peak / GIB:.1f} GiB planned of {args.gpu_mem:g} GiB per GPU")
         return 0
     print(f"does NOT fit: {p.peak / GIB:.1f} GiB planned of {args.gpu_mem:g} GiB per GPU")
+    return _propose(cfg, gpus, limit, args.gpu_mem)
+
+
+def _propose(cfg, gpus: int, limit: float, gpu_mem: float) -> int:
+    """Print the layouts of ``gpus`` GPUs whose plan fits ``limit`` bytes per GPU; exit status 1."""
+    from qnext.plan import GIB, propose_layouts, resolve_recompute
+
+    cfg, _ = resolve_recompute(cfg, gpus, limit)
     options = propose_layouts(cfg, gpus, limit)
     if options:
-        print("layouts that fit on these GPUs (parallel.* overrides):")
+        print(f"layouts that fit {gpus} GPUs of {gpu_mem:g} GiB (parallel.* overrides):")
         for layout, pl in options:
             print("  " + " ".join(f"parallel.{k}={v}" for k, v in layout.items()) + f"   -> {pl.peak / GIB:.1f} GiB")
     else:

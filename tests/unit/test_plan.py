@@ -90,6 +90,19 @@ def test_cli_fits_does_not_fit_and_refuses_fsdp():
     assert "Traceback" not in fsdp.stderr
 
 
+def test_cli_proposes_layouts_when_the_recipes_layout_does_not_fit_the_gpu_count():
+    """The 8-GPU LoRA recipe (EP8) asked about 4 GPUs: not a refusal but the layouts of 4 GPUs that fit."""
+    import re
+
+    four = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "4", "--gpu-mem", "80")
+    assert four.returncode == 1 and "does not fit 4 GPUs" in four.stdout and "ep*etp=8" in four.stdout, four.stderr
+    found = re.findall(r"parallel\.tp=(\d+) parallel\.pp=(\d+) parallel\.ep=(\d+).*-> ([\d.]+) GiB", four.stdout)
+    assert found and all(int(tp) * int(pp) <= 4 and 4 % (int(ep) * int(pp)) == 0 and float(gib) <= 80
+                         for tp, pp, ep, gib in found), four.stdout
+    bad = run_plan("recipe=qwen3_next_80b_lora", "--gpus", "4", "train.steps=0")  # the recipe itself is wrong
+    assert bad.returncode == 2 and "train.steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_start_up_check_refuses_a_layout_that_cannot_fit_and_proposes_ones_that_do():
     from qnext.errors import UserError
     from qnext.plan import check_fits
