@@ -29,7 +29,8 @@ def packed_attention_mode() -> str:
     ``loop`` (one SDPA call per sample, the reference) or ``masked`` (one call per pack with a
     block-diagonal mask). ``masked`` equals the loop on CPU (``tests/unit/test_megatron_model.py``),
     ``varlen`` is checked against it on a GPU (``tests/gpu/test_megatron_model_gpu.py``); varlen is
-    2.1x faster than the loop per training step on one H200 (``benchmarks/results/``)."""
+    2.1x faster than the loop per training step on one H200 (LoRA on the 4-layer proxy, 2026-12-02:
+    0.256 s against 0.53 s)."""
     import os
 
     from ..errors import UserError
