@@ -120,6 +120,33 @@ MUTATIONS: tuple[Mutation, ...] = (
         (("    module.lora_scale = float(alpha) / r\n", "    module.lora_scale = 2 * float(alpha) / r\n"),),
         (MEGATRON_VS_HF,),
     ),
+    Mutation(
+        "moe_combine_unsorted", "Megatron: the sorted dispatcher sums expert outputs in expert order, not back per token",
+        "src/qnext/megatron/dispatch.py",
+        (("    return rows.index_select(0, inverse).view(-1, k, h).sum(dim=1)",
+          "    return rows.view(-1, k, h).sum(dim=1)"),),
+        ("tests/unit/test_moe_dispatch.py::test_sorted_dispatcher_equals_megatrons",),
+    ),
+    Mutation(
+        "router_split_tp", "weight map: the router weight said to be split over tensor parallelism",
+        "src/qnext/models/qwen3_next.py",
+        (('    Rule.of("moe", "{hf}.mlp.gate.weight", "{mg}.mlp.router.weight", split=REPLICATED),',
+          '    Rule.of("moe", "{hf}.mlp.gate.weight", "{mg}.mlp.router.weight"),'),),
+        ("tests/unit/test_weight_map_splits.py::test_every_rule_split_matches_megatrons_parameter",),
+    ),
+    Mutation(
+        "resume_never_restarts_a_run", "run directory: resume=never quietly starts over in a directory holding a run",
+        "src/qnext/rundir.py",
+        (('    if cfg.resume == "never":', '    if False:'),),
+        ("tests/unit/test_run_directory.py::test_both_backends_decide_alike",),
+    ),
+    Mutation(
+        "bf16_limits_too_loose", "layout check: bf16 limits ten times the measured rounding noise",
+        "src/qnext/megatron/layout_check.py",
+        (("limits[k] = max(limits.get(k, floor), 2 * _rel(r, other[k]))",
+          "limits[k] = max(limits.get(k, floor), 20 * _rel(r, other[k]))"),),
+        ("tests/integration/test_megatron_grad_layouts.py::test_bf16_limits_pass_rounding_and_fail_a_halved_head",),
+    ),
 )
 
 
