@@ -85,6 +85,8 @@ def test_layout_gives_the_one_rank_loss_and_gradients(ckpt, reference, name):
     assert row["loss_rel_diff"] < 1e-6, row
     assert row["grad_norm_rel_diff"] < 1e-6, row
     assert row["worst_tensor_rel_l2"] < 1e-3, row  # every tensor, not just the norm
+    if "tp" in name:  # the weight map's replicated tensors (norms, routers): every TP rank's copy agrees
+        assert row["replicas_compared"] > 0 and row["replica_max_rel_diff"] < 1e-6, row
 
 
 def test_without_the_router_fix_tp2_doubles_the_router_aux_gradient(ckpt, reference):

@@ -103,8 +103,10 @@ def _grads_as_data(params: Sequence[torch.nn.Parameter]):
             p.data = d
 
 
-def _gradient_chunks(model, params: Sequence[torch.nn.Parameter]) -> list[tuple]:
-    """(key, global shape, global offset, chunk) for every main-replica chunk of a trained weight."""
+def _gradient_chunks(model, params: Sequence[torch.nn.Parameter], replicated: frozenset = frozenset()) -> list[tuple]:
+    """(key, global shape, global offset, chunk, main) for every main-replica chunk of a trained weight,
+    and (``main`` False) every other replica of the keys in ``replicated``: the tensors the weight map
+    says are whole on every tensor-parallel rank (``Rule.split``), whose copies must agree."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
@@ -118,17 +120,43 @@ def _gradient_chunks(model, params: Sequence[torch.nn.Parameter]) -> list[tuple]
         for v in nested_values(sd):
             if not isinstance(v, ShardedTensor) or not torch.is_tensor(v.data):
                 continue
-            if any(r != 0 for r in v.replica_id) or v.data.untyped_storage().data_ptr() not in storages:
+            if v.data.untyped_storage().data_ptr() not in storages:
                 continue
-            rows.append((v.key, tuple(v.global_shape), tuple(v.global_offset), v.data.detach().float().cpu().clone()))
+            main = all(r == 0 for r in v.replica_id)
+            if main or v.key in replicated:
+                rows.append((v.key, tuple(v.global_shape), tuple(v.global_offset),
+                             v.data.detach().float().cpu().clone(), main))
     return rows
+
+
+def replicated_keys(hf: dict) -> frozenset:
+    """Checkpoint keys of the tensors the weight map marks replicated over tensor parallelism."""
+    from ..models.qwen3_next import build_weight_map
+    from ..models.weight_map import REPLICATED
+
+    return frozenset(piece.key for m in build_weight_map(hf).mappings if m.rule.split == REPLICATED for piece in m.pieces)
+
+
+def replica_disagreement(rows: list[tuple], full: dict[str, torch.Tensor]) -> tuple[int, float]:
+    """(copies compared, largest relative L2 difference of a copy to the assembled tensor)."""
+    worst, n = 0.0, 0
+    for key, _, offset, chunk, main in rows:
+        if main:
+            continue
+        shape = (1,) * (len(offset) - chunk.dim()) + tuple(chunk.shape)
+        ref = full[key][tuple(slice(o, o + sz) for o, sz in zip(offset, shape))].reshape(chunk.shape)
+        worst = max(worst, _rel(chunk, ref))
+        n += 1
+    return n, worst
 
 
 def _assemble(rows: list[tuple]) -> dict[str, torch.Tensor]:
     """Whole tensors from the chunks of every rank; every element must be written exactly once."""
     full: dict[str, torch.Tensor] = {}
     cover: dict[str, torch.Tensor] = {}
-    for key, gshape, offset, chunk in rows:
+    for key, gshape, offset, chunk, *main in rows:
+        if main and not main[0]:
+            continue  # another replica: checked by replica_disagreement
         if key not in full:
             full[key] = torch.zeros(gshape, dtype=torch.float32)
             cover[key] = torch.zeros(gshape, dtype=torch.int16)
@@ -248,10 +276,14 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
         with on_device():
             grads = _gather_to_rank0(hf_lora_tensors(ddp.module, grads=True))
     else:
-        rows = _gradient_chunks(ddp.module, trained)
+        rows = _gradient_chunks(ddp.module, trained, replicated_keys(hf))
         parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
         torch.distributed.gather_object(rows, parts, dst=0)
-        grads = _assemble([r for part in parts for r in part]) if parts is not None else None
+        grads, replicas = None, (0, 0.0)
+        if parts is not None:
+            every = [r for part in parts for r in part]
+            grads = _assemble(every)
+            replicas = replica_disagreement(every, grads)
     summary = None
     if torch.distributed.get_rank() == 0:
         norms = {k: float(v.double().norm()) for k, v in sorted(grads.items())}
@@ -264,6 +296,8 @@ def run(args: argparse.Namespace) -> Optional[dict[str, Any]]:
             "grad_norm": math.sqrt(sum(n * n for n in norms.values())),
             "tensors": len(norms), "grad_norms": norms,
         }
+        if args.mode != "lora":
+            summary["replicas_compared"], summary["replica_max_rel_diff"] = replicas
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "grads.pt.tmp"
@@ -353,6 +387,8 @@ def compare(dirs: Sequence[Path], noise: Optional[Path | Sequence[Path]] = None,
             "grad_norm": s["grad_norm"], "grad_norm_ref": ref["grad_norm"],
             "grad_norm_rel_diff": abs(s["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"],
             "worst_tensor": worst_key, "worst_tensor_rel_l2": errs[worst_key], "tensors": len(g),
+            # copies of replicated tensors (Rule.split) on the other TP ranks against the main one
+            "replicas_compared": s.get("replicas_compared"), "replica_max_rel_diff": s.get("replica_max_rel_diff"),
         }
         if limits:
             excess = {k: e / limits.get(k, floor) for k, e in errs.items()}
