@@ -22,6 +22,9 @@ py=${PY:-python3}
 steps=${STEPS:-1,2,3,4,5,6,7}
 mkdir -p "$out"
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1} PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# Triton's compiled kernels and autotuning results in the repository (git-ignored .triton/): a later call on
+# the same machine reuses them; TRITON_TAR=<file> also packs them at the end (to carry to a fresh machine)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton}
 export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" QNEXT_STACK_DUMP_S=${QNEXT_STACK_DUMP_S:-120}
 want() { [[ ",$steps," == *",$1,"* ]]; }
 step() { echo "=== $(date -u +%FT%TZ) $*"; }
@@ -63,5 +66,8 @@ if want 7; then
   QNEXT_GDN_FLA_NATIVE=1 QNEXT_FUSED=1 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fast" \
     --only megatron:lora,hf:lora --steps 6 --warmup 2 --gbs 2 --timeout 400 --profile --sync-check 2>&1 \
     | tee "$out/throughput_fast.log" | grep "^\[bench\]"
+fi
+if [ -n "${TRITON_TAR:-}" ]; then
+  tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"
 fi
 step "done"
