@@ -11,7 +11,9 @@ reads key head ``hv // (HV / H)``, the same mapping as ``repeat_interleave``) an
 with those three handed to fla. It applies where megatron would call fla's chunked kernel (not in
 ``deterministic_mode``, megatron's torch path on CPU) and ``QNEXT_GDN_FLA_NATIVE=1`` asks for it;
 by default megatron's preparation runs (the reference; ``tests/gpu/test_megatron_model_gpu.py``
-compares the two, values and gradients, and the default flips once that has passed on a GPU).
+compares the two, values and gradients, and the default flips once that has passed on a GPU). The host
+copy of ``cu_seqlens`` goes to fla's chunked rule and causal conv on both paths: it only replaces the
+device copy fla would otherwise read back to build the same chunk tables.
 
 The host copy of ``cu_seqlens`` travels on the device tensor itself (:func:`attach_host_copy`,
 called where the packed row's parameters are built), so nothing in the layer reads the device.
@@ -57,6 +59,13 @@ def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwarg
 _FLA_CONV = _gdn.causal_conv1d
 
 
+def _rule_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
+    """fla's ``chunk_gated_delta_rule`` exactly as megatron calls it, plus the host copy of ``cu_seqlens``."""
+    if cu_seqlens_cpu is None:
+        cu_seqlens_cpu = host_copy(cu_seqlens)
+    return _common.chunk_gated_delta_rule(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+
+
 def _install_conv() -> None:
     """megatron's GDN module calls its imported ``causal_conv1d``; point that name at the wrapper
     (identical behaviour, fewer syncs). Idempotent."""
@@ -71,9 +80,11 @@ class QnextGatedDeltaNet(GatedDeltaNet):
     def _setup_variant_attrs(self):
         super()._setup_variant_attrs()
         rule = _common.chunk_gated_delta_rule
-        self.fla_native = rule is not None and self.gated_delta_rule is rule and fla_native_enabled() and self.cp_size == 1
-        if self.fla_native:
-            self.gated_delta_rule = self._fla_rule
+        uses_fla = rule is not None and self.gated_delta_rule is rule and self.cp_size == 1
+        self.fla_native = uses_fla and fla_native_enabled()
+        if uses_fla:
+            # both paths hand fla the host copy of cu_seqlens (same chunk tables, no device sync)
+            self.gated_delta_rule = self._fla_rule if self.fla_native else _rule_with_host_lengths
             _install_conv()
 
     def _fla_rule(self, query, key, value, *, g, beta, initial_state=None, output_final_state=False,
