@@ -13,17 +13,13 @@ when the source has no ``hf/`` directory (a checkpoint slime wrote).
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qnext.errors import cli_main  # noqa: E402
+from qnext.errors import cli_main, interrupt_on_sigterm  # noqa: E402
 
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @cli_main
@@ -36,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-meta", default=None, help="directory with config.json + tokenizer (default: <ckpt>/hf)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed job cleans up its partial output
+    interrupt_on_sigterm()  # a killed job cleans up its partial output
 
     from qnext.convert.relayout import relayout_torch_dist
 

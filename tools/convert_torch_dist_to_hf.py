@@ -13,13 +13,12 @@ Config, tokenizer and generation config come from ``<ckpt>/hf/`` (or ``--hf-meta
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from qnext.errors import UserError, cli_main  # noqa: E402
+from qnext.errors import UserError, cli_main, interrupt_on_sigterm  # noqa: E402
 
 
 def _size(text: str) -> int:
@@ -31,9 +30,6 @@ def _size(text: str) -> int:
     except (KeyError, ValueError):
         raise UserError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB, 4GiB") from None
 
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @cli_main
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output (only once the new one is complete)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a killed job cleans up its partial output
+    interrupt_on_sigterm()  # a killed job cleans up its partial output
 
     from qnext.convert import export_torch_dist_to_hf
 

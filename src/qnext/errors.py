@@ -52,6 +52,17 @@ def start_stack_dumps(env: Optional[Mapping[str, str]] = None) -> Optional[float
     return every
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (a killed job) into KeyboardInterrupt, so the writers' cleanup removes partial output."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def cli_main(fn: F) -> F:
     """Run ``fn``; a UserError becomes one message on stderr and exit code 2.
 
