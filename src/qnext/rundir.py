@@ -97,11 +97,11 @@ def clear_dir(path: Path) -> list[str]:
     return names
 
 
-def start_run_dir(plan: OutputPlan, backend: str, **info) -> list[str]:
-    """Create/clear the directory per ``plan`` and write the run marker (kept when it exists: a resumed
-    run stays the same run). Call on one rank. Returns what was cleared."""
-    out = plan.output_dir
-    cleared = clear_dir(out) if plan.clear and out.is_dir() else []
+def start_run_dir(out: Path, clear: bool, backend: str, **info) -> list[str]:
+    """Create ``out`` (its contents deleted first when ``clear``, the plan's decision) and write the run
+    marker (kept when it exists: a resumed run stays the same run). Call on one rank. Returns what was
+    cleared."""
+    cleared = clear_dir(out) if clear and out.is_dir() else []
     out.mkdir(parents=True, exist_ok=True)
     if not is_our_run(out):
         marker = {"backend": backend, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}

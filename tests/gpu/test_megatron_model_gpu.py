@@ -273,7 +273,7 @@ def test_fast_paths_match_the_reference_paths(world, monkeypatch, dtype, tol):
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from qnext.megatron.dispatch import SortedTokenDispatcher
-    from qnext.megatron.gdn import attach_host_copy
+    from qnext.megatron.data import attach_host_copy
 
     cu_host = torch.tensor([0, 100, 101, 180, 256], dtype=torch.int32)
     tokens = torch.randint(0, 151936, (1, 256), generator=torch.Generator().manual_seed(3)).cuda()

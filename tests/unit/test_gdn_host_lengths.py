@@ -11,7 +11,7 @@ pytest.importorskip("megatron.core")
 
 def test_packed_seq_params_carry_the_host_copy():
     from qnext.megatron.data import megatron_batch, packed_seq_params, to_device
-    from qnext.megatron.gdn import host_copy
+    from qnext.megatron.data import host_copy
 
     sample = {"input_ids": list(range(10)), "labels": list(range(10)), "seq_lens": [3, 4, 3],
               "position_ids": [0, 1, 2, 0, 1, 2, 3, 0, 1, 2]}
@@ -27,11 +27,12 @@ def test_fla_calls_get_the_host_copy(monkeypatch):
     from megatron.core.ssm.gated_delta_net import common
 
     from qnext.megatron import gdn
+    from qnext.megatron.data import attach_host_copy
 
     seen = []
     monkeypatch.setattr(common, "chunk_gated_delta_rule", lambda *a, **kw: seen.append(("rule", kw)) or "out")
     monkeypatch.setattr(gdn, "_FLA_CONV", lambda *a, **kw: seen.append(("conv", kw)) or "out")
-    cu = gdn.attach_host_copy(torch.tensor([0, 5, 9], dtype=torch.int32), torch.tensor([0, 5, 9]))
+    cu = attach_host_copy(torch.tensor([0, 5, 9], dtype=torch.int32), torch.tensor([0, 5, 9]))
     assert gdn._rule_with_host_lengths("q", "k", "v", g="g", beta="b", cu_seqlens=cu) == "out"
     assert gdn._conv_with_host_lengths(x="x", cu_seqlens=cu) == "out"
     gdn._rule_with_host_lengths("q", cu_seqlens=torch.tensor([0, 9]))  # no host copy known: fla reads it itself

@@ -92,16 +92,14 @@ def test_both_backends_decide_alike(tmp_path, backend, state, extra, expect):
 
 
 def test_starting_clears_only_when_planned_and_keeps_the_marker(tmp_path):
-    from qnext.rundir import FRESH, RESUME, OutputPlan
-
     out = tmp_path / "run"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    assert start_run_dir(OutputPlan(out, FRESH, clear=True), "fsdp") == ["old.txt"]
+    assert start_run_dir(out, True, "fsdp") == ["old.txt"]
     marker = json.loads((out / RUN_MARKER).read_text())
     assert marker["backend"] == "fsdp" and not (out / "old.txt").exists()
     (out / "metrics.jsonl").write_text("{}\n")
-    assert start_run_dir(OutputPlan(out, RESUME, clear=False), "megatron") == []
+    assert start_run_dir(out, False, "megatron") == []
     assert json.loads((out / RUN_MARKER).read_text()) == marker  # a resumed run stays the same run
     assert (out / "metrics.jsonl").exists()
 

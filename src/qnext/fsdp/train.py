@@ -94,9 +94,7 @@ class Trainer:
 
         # the output directory is touched only now that the inputs have been read without error
         if env.is_main:
-            start = rundir.RESUME if self.plan.resume_from is not None else rundir.FRESH
-            cleared = rundir.start_run_dir(rundir.OutputPlan(self.out, start, self.plan.clear), "fsdp",
-                                           checkpoint=str(self.ckpt_dir))
+            cleared = rundir.start_run_dir(self.out, self.plan.clear, "fsdp", checkpoint=str(self.ckpt_dir))
             if cleared:
                 self.say(f"output_dir {self.out}: cleared {len(cleared)} entries of an earlier attempt without a checkpoint"
                          if not cfg.overwrite else f"output_dir {self.out}: contents replaced (overwrite=true)")

@@ -189,11 +189,11 @@ class SDPAttention(MegatronModule):
         H200: rel. L2 0.22 and 1.2 against the per-sample loop). Tokens after the last boundary are left
         out of the call (the kernel's backward would leave their dq unwritten) and get zeros, as in the
         per-sample loop. The last boundary comes from the host copy of ``cu_seqlens`` that the data
-        module attaches (``qnext.megatron.gdn.attach_host_copy``), so nothing here waits for the device;
+        module attaches (``qnext.megatron.data.attach_host_copy``), so nothing here waits for the device;
         without it, it is read from the device (one sync)."""
         from torch.nn.attention.varlen import varlen_attn
 
-        from .gdn import host_copy
+        from .data import host_copy
 
         t = query.shape[0]
         cu32 = cu.to(device=query.device, dtype=torch.int32)

@@ -110,6 +110,19 @@ def eval_micro_batch(samples: Sequence[dict], ix: list[int], pad_id: int, seq_le
     return batch
 
 
+_HOST = "_qnext_host_copy"
+
+
+def attach_host_copy(cu_device: torch.Tensor, cu_host: torch.Tensor) -> torch.Tensor:
+    """Remember the host copy of a device ``cu_seqlens`` on the tensor (for fla's ``cu_seqlens_cpu``)."""
+    setattr(cu_device, _HOST, cu_host.to(device="cpu", dtype=torch.int64))
+    return cu_device
+
+
+def host_copy(cu: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return getattr(cu, _HOST, None) if cu is not None else None
+
+
 def packed_seq_params(batch: dict[str, Any]):
     """Megatron's ``thd`` description of a packed row, or None for padded rows."""
     if "cu_seqlens" not in batch:
@@ -118,8 +131,6 @@ def packed_seq_params(batch: dict[str, Any]):
 
     cu = batch["cu_seqlens"].to(torch.int32)
     if "cu_seqlens_host" in batch:
-        from .gdn import attach_host_copy
-
         attach_host_copy(cu, batch["cu_seqlens_host"])
     n = batch["max_seqlen"]
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=n, max_seqlen_kv=n)

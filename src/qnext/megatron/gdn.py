@@ -15,13 +15,12 @@ compares the two, values and gradients, and the default flips once that has pass
 copy of ``cu_seqlens`` goes to fla's chunked rule and causal conv on both paths: it only replaces the
 device copy fla would otherwise read back to build the same chunk tables.
 
-The host copy of ``cu_seqlens`` travels on the device tensor itself (:func:`attach_host_copy`,
+The host copy of ``cu_seqlens`` travels on the device tensor itself (``qnext.megatron.data.attach_host_copy``,
 called where the packed row's parameters are built), so nothing in the layer reads the device.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -29,24 +28,13 @@ from megatron.core.ssm.gated_delta_net import common as _common
 from megatron.core.ssm.gated_delta_net import gdn as _gdn
 from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
 
+from .data import host_copy
+
 ENV = "QNEXT_GDN_FLA_NATIVE"
-_HOST = "_qnext_host_copy"
-
-
 def fla_native_enabled() -> bool:
     """Opt-in (``QNEXT_GDN_FLA_NATIVE=1``) until ``tests/gpu/test_megatron_model_gpu.py::
     test_fast_paths_match_the_reference_paths`` has passed on a GPU (see the README's speed notes)."""
     return os.environ.get(ENV, "0") not in ("0", "false", "no", "off")
-
-
-def attach_host_copy(cu_device: torch.Tensor, cu_host: torch.Tensor) -> torch.Tensor:
-    """Remember the host copy of a device ``cu_seqlens`` on the tensor (for fla's ``cu_seqlens_cpu``)."""
-    setattr(cu_device, _HOST, cu_host.to(device="cpu", dtype=torch.int64))
-    return cu_device
-
-
-def host_copy(cu: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return getattr(cu, _HOST, None) if cu is not None else None
 
 
 def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):

@@ -165,8 +165,7 @@ class MegatronRun:
         import torch
 
         if self.rank == 0:
-            start = rundir.RESUME if self.prep.ckpt.resuming else rundir.FRESH
-            cleared = rundir.start_run_dir(rundir.OutputPlan(self.out, start, self.prep.clear_output), "megatron",
+            cleared = rundir.start_run_dir(self.out, self.prep.clear_output, "megatron",
                                            checkpoint=self.prep.ckpt.pretrained, te=self.prep.use_te)
             if cleared:
                 self.say(f"output_dir {self.out}: contents replaced ({len(cleared)} entries)")
