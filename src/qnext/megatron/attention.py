@@ -28,9 +28,9 @@ def packed_attention_mode() -> str:
     default: one flash-attention call over ``cu_seqlens``, CUDA with bf16/fp16 only; elsewhere the loop),
     ``loop`` (one SDPA call per sample, the reference) or ``masked`` (one call per pack with a
     block-diagonal mask). ``masked`` equals the loop on CPU (``tests/unit/test_megatron_model.py``),
-    ``varlen`` is checked against it on a GPU (``tests/gpu/test_megatron_model_gpu.py``); varlen is
-    2.1x faster than the loop per training step on one H200 (LoRA on the 4-layer proxy, 2026-12-02:
-    0.256 s against 0.53 s)."""
+    ``varlen`` is checked against it on a GPU (``tests/gpu/test_megatron_model_gpu.py``). Per LoRA step
+    of the 4-layer proxy on one H200, varlen took 0.256 s and the loop 0.53 s (2026-12-02; the loop's run
+    is ``benchmarks/results/train_throughput_h200_4layer/``, the varlen run's record was not kept)."""
     import os
 
     from ..errors import UserError
@@ -186,7 +186,7 @@ class SDPAttention(MegatronModule):
         """The whole pack in one flash-attention call over ``cu_seqlens`` (torch's ``varlen_attn``): only the
         samples' own blocks are computed. K/V heads are repeated for GQA: torch 2.11's ``varlen_attn``
         accepts fewer K/V heads in the forward, but its backward then returns wrong dq/dv (measured on an
-        H200: rel. L2 0.22 and 1.2 against the per-sample loop). Tokens after the last boundary are left
+        H200: rel. L2 0.22 and 1.2 against the per-sample loop; ``benchmarks/results/varlen_attention_h200/``). Tokens after the last boundary are left
         out of the call (the kernel's backward would leave their dq unwritten) and get zeros, as in the
         per-sample loop. The last boundary comes from the host copy of ``cu_seqlens`` that the data
         module attaches (``qnext.megatron.data.attach_host_copy``), so nothing here waits for the device;
