@@ -7,7 +7,7 @@
 #   4. packed attention + RoPE variants: their GPU test, then timed side by side (benchmarks/packed_attention.py, ~2 min)
 #   5. one training step at every layout the GPUs allow against one GPU (benchmarks/grad_layouts.py;
 #      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
-#   6. the opt-in fast paths (QNEXT_GDN_FLA_NATIVE=1, QNEXT_FUSED=1) against their references, and the
+#   6. the fast paths (fla-native GDN, now default; QNEXT_FUSED=1, opt-in) against their references, and the
 #      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
 #   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline, with a profiled and a
 #      sync-checked step (~6 min)
