@@ -378,3 +378,21 @@ def test_disk_check_refuses_a_disk_that_cannot_hold_one_checkpoint():
     with pytest.raises(UserError):  # the boundary: one byte short of one checkpoint
         disk_check(need, need - 1, keep=0, where="/ckpt")
     assert "fits" in disk_check(need, need, keep=0, where="/ckpt")  # exactly one fits, the next write would not
+
+
+def test_host_loss_token_count_matches_the_loss_mask_of_packed_and_padded_rows():
+    """The folded 1/N (qnext.megatron.token_scale) needs, on the host, exactly the count of positions the
+    loss mask of megatron_batch marks: not a label at the first token of a packed chat, none in padding."""
+    from qnext.megatron.data import megatron_batch
+    from qnext.megatron.token_scale import global_loss_tokens, loss_token_count
+
+    ig = -100
+    packed = {"input_ids": list(range(10)), "labels": [ig, 1, 2, ig, 4, 5, 6, 7, ig, 9],
+              "position_ids": [0, 1, 2, 0, 1, 2, 3, 0, 1, 2], "seq_lens": [3, 4, 3]}
+    packed_first_labelled = {**packed, "labels": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}  # chat starts carry labels
+    plain = {"input_ids": [5, 6, 7, 8], "labels": [5, ig, 7, 8], "position_ids": [0, 1, 2, 3]}
+    for s, pack in ((packed, True), (packed_first_labelled, True), (plain, False)):
+        mask = megatron_batch([s], 0, 12, pack=pack)["loss_mask"]
+        assert loss_token_count(s) == int(mask.sum()), s
+    assert loss_token_count(packed_first_labelled) == 7  # 10 labels minus the three chat starts
+    assert global_loss_tokens([packed, plain]) == loss_token_count(packed) + loss_token_count(plain) == 6 + 2

@@ -11,9 +11,10 @@
   order for any number of data-parallel ranks; the position is the step count, so resuming needs
   nothing else), cut into this data-parallel rank's micro-batches.
 - ``forward_step`` / ``loss_func``: the pair ``forward_backward_func`` calls. The loss is a sum over
-  labelled tokens returned with their count; with ``--calculate-per-token-loss`` megatron divides the
-  gradients by the labelled-token count of the whole global batch, so the step optimises the mean
-  cross-entropy over every labelled token (token-weighted), as the FSDP backend does.
+  labelled tokens returned with their count; with ``--calculate-per-token-loss`` the gradients are
+  divided by the labelled-token count of the whole global batch (folded into the backward's seed by
+  ``qnext.megatron.token_scale``), so the step optimises the mean cross-entropy over every labelled token
+  (token-weighted), as the FSDP backend does.
 """
 from __future__ import annotations
 

@@ -213,6 +213,7 @@ class MegatronRun:
         from megatron.training.training import setup_model_and_optimizer
 
         from .checkpoint import checkpoint_tensor_keys
+        from .token_scale import FoldedTokenScale, fold_enabled
 
         ckpt = self.prep.ckpt
         base_keys = None if ckpt.resuming else checkpoint_tensor_keys(ckpt.pretrained)
@@ -242,6 +243,9 @@ class MegatronRun:
         config.timers = get_timers()
         if config.finalize_model_grads_func is None:
             config.finalize_model_grads_func = finalize_model_grads
+        self.token_scale = None
+        if config.calculate_per_token_loss and fold_enabled():  # 1/N in the loss, not a pass over the gradients
+            self.token_scale = FoldedTokenScale(config, self.optimizer.scale_loss, config.finalize_model_grads_func)
         self.model_config = config
         self.forward_backward = get_forward_backward_func()
         n_total = sum(p.numel() for m in self.model for p in m.parameters())
@@ -261,14 +265,14 @@ class MegatronRun:
 
     def _global_stats(self, step: int) -> tuple[list[int], int, int]:
         """(chat lengths, tokens, labelled tokens) of the whole global batch of 0-based ``step``."""
-        from ..data.dataset import IGNORE_INDEX
+        from .token_scale import loss_token_count
 
         lengths, tokens, labelled = [], 0, 0
         for i in self.sampler.global_indices(step):  # the same on every rank
             s = self.train_set[i]
             lengths += list(s.get("seq_lens", [len(s["input_ids"])]))
             tokens += len(s["input_ids"])
-            labelled += sum(1 for x in s["labels"] if x != IGNORE_INDEX)
+            labelled += loss_token_count(s)  # the positions megatron's loss counts
         return lengths, tokens, labelled
 
     # -- one step
@@ -283,6 +287,9 @@ class MegatronRun:
         from .data import forward_step
 
         batches = self.batches.step(step)
+        lengths, tokens, labelled = self._global_stats(step)
+        if self.token_scale is not None:
+            self.token_scale.set_tokens(labelled)
         torch.cuda.synchronize()
         startup = None
         if self.startup_peak_gib is None:  # the first step of this process: the peak so far is the start-up's
@@ -298,7 +305,6 @@ class MegatronRun:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t_start
         self.args.consumed_train_samples += self.cfg.train.global_batch_size
-        lengths, tokens, labelled = self._global_stats(step)
         flops = step_flops(self.prep.hf, lengths, lora=self.cfg.train.mode == "lora")
         tflops = flops / dt / self.world / 1e12
         self.args.num_floating_point_operations_so_far += flops  # saved with each checkpoint
