@@ -309,3 +309,26 @@ def test_fast_paths_match_the_reference_paths(world, monkeypatch, dtype, tol):
     assert g_fast.keys() == g_ref.keys()
     assert errs["loss"] < tol / 5, worst
     assert max(errs.values()) < tol, worst
+
+
+def test_grad_accum_fusion_matches_the_unfused_gradient():
+    """The stand-in for Apex's fused wgrad accumulation (qnext.megatron.compat.grad_accum) on CUDA: one
+    cuBLAS GEMM of bf16 inputs into the fp32 main_grad (torch.addmm with out_dtype, beta = 1) against the
+    fp32 product of the same bf16 values added to it; and megatron's linear with it against the unfused one
+    (the bf16 weight gradient added by the DDP hook), which differs by that gradient's bf16 rounding only."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from qnext.megatron.compat.grad_accum import wgrad_accum_reference, wgrad_gemm_accum_fp32
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 2048, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(4096, 1536, device="cuda", generator=gen).bfloat16()
+    start = torch.randn(1536, 2048, device="cuda", generator=gen)
+    fused, ref = start.clone(), start.clone()
+    wgrad_gemm_accum_fp32(x, g, fused)
+    wgrad_accum_reference(x, g, ref)
+    unfused = start + (g.t() @ x).float()  # megatron without fusion: bf16 wgrad, then main_grad.add_
+    err = float((fused - ref).norm() / (ref - start).norm())
+    err_unfused = float((unfused - ref).norm() / (ref - start).norm())
+    print(f"grad-accum fusion vs fp32 reference: rel L2 {err:.2e}; unfused bf16 wgrad: {err_unfused:.2e}")
+    assert fused.data_ptr() != ref.data_ptr() and err < 1e-5 and err <= err_unfused

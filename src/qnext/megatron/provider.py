@@ -55,10 +55,13 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
     import torch
 
     from .checkpoint import missing_base_keys, model_tensor_keys
+    from .compat import grad_accum
     from .model import build_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     overrides = training_overrides(args)
+    if not prep.use_te and grad_accum.enabled():  # wgrad GEMMs write into the fp32 main_grad (compat.grad_accum)
+        overrides["gradient_accumulation_fusion"] = grad_accum.install_grad_accum_fusion()
 
     def provide(pre_process: bool = True, post_process: bool = True, vp_stage=None, config=None, pg_collection=None):
         model = build_model(prep.hf, prep.cfg.parallel, dtype, prep.use_te, pre_process=pre_process,

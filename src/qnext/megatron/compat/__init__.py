@@ -12,6 +12,8 @@ of that version.
   shared or lost, lazily created states) and ``load_with_adam_state``, the load the entry uses.
 - ``initialize``: megatron.training's initialisation without its dataset-helper build step.
 - ``cpu``: building and running megatron modules without a GPU (tests, manifests, the layout check).
+- ``grad_accum``: gradient accumulation fusion without Apex (a torch stand-in for its extension), installed
+  by the model provider when ``QNEXT_GRAD_ACCUM_FUSION=1``.
 """
 from __future__ import annotations
 
