@@ -103,6 +103,8 @@ def megatron_overrides(args, model, mode: str, ngpu: int) -> list[str]:
     par = ["parallel=1gpu", f"parallel.recompute={recompute}"] if ngpu == 1 else [
         "parallel=8xh100", f"parallel.num_gpus_per_node={ngpu}", f"parallel.ep={ngpu}"]
     extra = ["train.optimizer_cpu_offload=true"] if mode == "full" and args.full_offload else []
+    if mode == "lora" and args.base_dtype != "bf16":
+        extra.append(f"train.lora.base_dtype={args.base_dtype}")  # frozen routed experts quantized at load
     return [*common_overrides(args, model, mode), *par, f"model.megatron_checkpoint={model['mg']}", *extra]
 
 
@@ -350,6 +352,8 @@ def main() -> int:
                     help="parallel.recompute of the Megatron LoRA run (auto: the planner's choice for this GPU)")
     ap.add_argument("--recompute-full", default="auto", choices=["auto", "none", "selective", "full"],
                     help="parallel.recompute of the Megatron full run (auto: the planner's choice for this GPU)")
+    ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8"],
+                    help="storage of the frozen routed experts in the Megatron LoRA run (train.lora.base_dtype)")
     ap.add_argument("--sync-check", action="store_true",
                     help="one extra step per Megatron run under QNEXT_SYNC_CHECK: its host-device syncs go into the JSON")
     ap.add_argument("--seq", type=int, default=4096)
@@ -424,7 +428,9 @@ def main() -> int:
     for approach, mode in wanted:
         out = args.work / "runs" / f"{approach}_{mode}"
         row: dict[str, Any] = {"approach": approach, "mode": mode, "gpus": ngpu, "layers": args.layers,
-                               "experts": args.experts, "global_batch": args.gbs, "seq": args.seq}
+                               "experts": args.experts, "global_batch": args.gbs, "seq": args.seq,
+                               "base_dtype": args.base_dtype if (approach, mode) == ("megatron", "lora") else "bf16",
+                               "synthetic_weights": False}
         if approach == "hf":
             row["layout"] = f'device_map="auto" over {ngpu} GPU(s), grad ckpt'
             recs, info = run_hf_worker(args, model, mode, out, args.timeout)

@@ -233,6 +233,13 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     lora = t.mode == "lora"
     lora_layer = _memo(("lora", hf, asdict(t.lora)), lambda: lora_params_per_layer(hf, cfg)) if lora else [0] * layers
 
+    # frozen routed experts in FP8 (train.lora.base_dtype=fp8): 1 B per value plus an fp32 scale per row
+    # (fc1 rows hold hidden values, fc2 rows moe_intermediate values); the forward and backward dequantize one
+    # layer's experts at a time (bf16, fc1 and fc2), and the start-up load holds one layer's bf16 experts twice
+    fp8 = lora and t.lora.base_dtype == "fp8"
+    h_, f_ = int(hf["hidden_size"]), int(hf.get("moe_intermediate_size") or 1)
+    expert_bytes = (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3 if fp8 else 2.0
+    one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if fp8 and pc.experts else 0.0
     best = None
     for stage in range(pp):
         idx = range(stage * per_stage, (stage + 1) * per_stage)
@@ -243,10 +250,11 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
         inflight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp))) if pp > 1 else 1
         tokens = t.micro_batch_size * d.seq_length / (cp * (tp if p.sequence_parallel else 1))
         act = sum(activation_bytes_per_token(hf, types[i], p.recompute) for i in idx) * tokens * inflight
+        act += one_layer_bf16  # the dequantized weights of the layer being computed
         if stage == pp - 1:
             # the bf16 logits and megatron's fp32 copy (vocab-parallel cross entropy), alive together
             act += t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * (2 + 4)
-        weights = 2 * (dense + expert)
+        weights = 2 * dense + expert_bytes * expert
         opt_full = 12 * (dense / dp + expert / edp)
         host_full = 16 * (dense / dp + expert / edp)  # with CPU offload: main weights, moments, grads
         if lora:
@@ -265,6 +273,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
         # into the model (measured: the LoRA 4-layer proxy on one H200 peaked at 26.6 GiB at start-up, its
         # bf16 weights are 13.4 GiB); DDP's gradient buffer and the fp32 main weights already exist then
         load = 2 * weights + grads + (4 * local_opt if not lora and not t.optimizer_cpu_offload else 0.0) + lora_b
+        if fp8:  # megatron's load copies the rest twice; quant_load brings one layer's bf16 experts (twice)
+            load = 2 * 2 * dense + expert_bytes * expert + 2 * one_layer_bf16 + lora_b
         total = max(weights + grads + opt + lora_b + max(act, step_temp), load)
         if best is None or total > best[0]:
             best = (total, weights, grads, opt, lora_b, act, dense + expert, host_full, step_temp, load)
@@ -275,6 +285,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     if lora:
         step_flops += 3 * 2 * sum(lora_layer) * t.global_batch_size * d.seq_length
     layout = f"{world} GPUs: tp {tp} pp {pp} ep {ep} etp {etp} cp {cp} dp {dp}; {t.mode}; recompute {p.recompute}"
+    if fp8:
+        layout += "; fp8 experts"
     notes = []
     if not lora and t.optimizer_cpu_offload:
         notes.append(f"optimizer states in host memory: {host_full / GIB:.1f} GiB per GPU's process (fp32 main weights, Adam moments, gradients)")

@@ -188,3 +188,26 @@ def test_plan_against_the_measured_proxy_runs_on_one_h200(tmp_path):
     assert lora.load > lora.step_peak - lora.buffers  # the load, not the step, is LoRA's peak
     assert full.step_peak > full.load + full.buffers  # and the step is full training's
     assert "start-up" in lora.table() and "exceeds a step" in lora.table()
+
+
+def test_fp8_experts_halve_the_expert_bytes_and_the_one_gpu_recipe_fits_an_h200():
+    """train.lora.base_dtype=fp8: routed experts at 1 B per value plus an fp32 scale per row, one layer's
+    bf16 experts dequantized at a time; the 80B one-GPU recipe's plan fits 141 GB with its start-up peak
+    (megatron's load of the rest + one layer's bf16 experts) below a step's."""
+    from qnext.config.validate import validate_config
+    from qnext.errors import UserError
+
+    bf16 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "train.lora.base_dtype=bf16", "parallel.recompute=none"]),
+                world_size=1)
+    fp8 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "parallel.recompute=none"]), world_size=1)
+    pc = count_params(json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text()))
+    experts = sum(pc.experts)
+    saved = bf16.weights - fp8.weights
+    # 2 B -> (2 (1 + 4/2048) + (1 + 4/512)) / 3 B per expert value
+    assert saved == pytest.approx(experts * (2 - (2 * (1 + 4 / 2048) + (1 + 4 / 512)) / 3), rel=1e-6)
+    assert 75 * GIB < fp8.weights < 78 * GIB and bf16.weights > 148 * GIB
+    one_layer_bf16 = 2 * max(pc.experts)
+    assert fp8.activations - bf16.activations == pytest.approx(one_layer_bf16, rel=1e-6)
+    assert fp8.load < fp8.step_peak < 130 * GIB < bf16.step_peak
+    with pytest.raises(UserError, match="base_dtype"):
+        validate_config(load_config(["recipe=qwen3_next_80b_full", "train.lora.base_dtype=fp8"]), check_files=False)

@@ -12,6 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 CHOICES = {
     "train.mode": ("lora", "full"),
+    "train.lora.base_dtype": ("bf16", "fp8"),
     "parallel.backend": ("megatron", "fsdp"),
     "parallel.device": ("auto", "cuda", "cpu"),
     "parallel.dtype": ("bf16", "fp32"),
@@ -123,6 +124,13 @@ def validate_config(cfg: RecipeConfig, world_size: int | None = None, check_file
         )
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if t.lora.base_dtype != "bf16":
+        if t.mode != "lora" or p.backend != "megatron":
+            problems.append(f"train.lora.base_dtype={t.lora.base_dtype} quantizes the frozen experts of LoRA on the "
+                            "Megatron backend: set train.mode=lora and parallel.backend=megatron, or base_dtype=bf16")
+        if t.lora.experts:
+            problems.append(f"train.lora.base_dtype={t.lora.base_dtype} needs train.lora.experts=false "
+                            "(quantized experts are frozen)")
 
     hf: dict[str, Any] = {}
     try:

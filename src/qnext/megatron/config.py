@@ -285,8 +285,10 @@ def hf_to_transformer_config(
             moe_grouped_gemm=use_te,  # TE path: TEGroupedMLP; TE-free path: qnext GroupedGemmExperts
             moe_permute_fusion=False,
         )
+    expert_base = overrides.pop("qnext_expert_base", "bf16")  # qnext's own field (GroupedGemmExperts reads it)
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
+    config.qnext_expert_base = expert_base
     return MegatronModelArgs(
         config=config,
         vocab_size=int(cfg["vocab_size"]),

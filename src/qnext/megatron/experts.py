@@ -65,9 +65,24 @@ def grouped_linear(
 class ExpertWeight(nn.Module):
     """Holds one stacked 3-D expert weight [E_local, out, in] under the name ``weight``."""
 
-    def __init__(self, num_experts: int, out_features: int, in_features: int, *, dtype, device):
+    def __init__(self, num_experts: int, out_features: int, in_features: int, *, dtype, device, base: str = "bf16"):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
+        if base == "fp8":  # frozen FP8 storage from the start: the bf16 weight is never allocated
+            from ..quant.fp8 import FP8
+
+            # not persistent: FP8 experts are never saved (the pretrained checkpoint holds them; quant_load fills them)
+            self.register_buffer("q", torch.empty(num_experts, out_features, in_features, dtype=FP8, device=device),
+                                 persistent=False)
+            self.register_buffer("scale", torch.ones(num_experts, out_features, 1, dtype=torch.float32, device=device),
+                                 persistent=False)
+        elif base == "bf16":
+            self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
+        else:
+            raise ValueError(f"expert base {base!r}: expected bf16 or fp8")
+
+    @property
+    def shape(self) -> torch.Size:
+        return (self.q if self.quantized else self.weight).shape
 
     def get_extra_state(self) -> None:
         """Like megatron's local linears: an (empty) extra state, so checkpoints match SequentialMLP's."""
@@ -92,11 +107,37 @@ class ExpertWeight(nn.Module):
             raise ValueError("only frozen expert weights can be quantized (LoRA with train.lora.experts=false)")
         q, scale = quantize_rows(self.weight.data)
         del self.weight
-        self.register_buffer("q", q)
-        self.register_buffer("scale", scale)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to the FP8 storage, dtype casts do not: megatron's ``Float16Module`` calls
+        ``module.bfloat16()``, which would otherwise turn the e4m3 values (a floating-point dtype) and their
+        scales into bf16, silently doubling the experts' memory."""
+        if not self.quantized:
+            return super()._apply(fn, recurse)
+        kept = {k: self._buffers.pop(k) for k in ("q", "scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k, t in kept.items():
+                target = fn(t.new_empty(0)).device  # where fn sends a tensor; its dtype is ignored
+                self._buffers[k] = t if t.device == target else t.to(device=target)
+        return self
+
+    @torch.no_grad()
+    def set_quantized_(self, w: torch.Tensor) -> None:
+        """Quantize ``w`` (the bf16 weight, e.g. just loaded) into this module's FP8 storage."""
+        from ..quant.fp8 import quantize_rows
+
+        if tuple(w.shape) != tuple(self.q.shape):
+            raise ValueError(f"expert weight of shape {tuple(w.shape)} for FP8 storage of shape {tuple(self.q.shape)}")
+        q, scale = quantize_rows(w.to(self.q.device))
+        self.q.copy_(q)
+        self.scale.copy_(scale)
 
     def extra_repr(self) -> str:
-        e, o, i = (self.q if self.quantized else self.weight).shape
+        e, o, i = self.shape
         return f"experts={e}, out_features={o}, in_features={i}" + (", fp8 e4m3" if self.quantized else "")
 
 
@@ -125,9 +166,13 @@ class GroupedGemmExperts(MegatronModule):
         ffn_local = divide(config.moe_ffn_hidden_size, etp)
         fc1_out = 2 * ffn_local if self.glu else ffn_local
         device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-        kw = dict(dtype=config.params_dtype, device=device)
+        self.base = getattr(config, "qnext_expert_base", "bf16")  # fp8: frozen FP8 storage (LoRA, qnext.quant)
+        kw = dict(dtype=config.params_dtype, device=device, base=self.base)
         self.linear_fc1 = ExpertWeight(num_local_experts, fc1_out, config.hidden_size, **kw)
         self.linear_fc2 = ExpertWeight(num_local_experts, config.hidden_size, ffn_local, **kw)
+        self._load_view: Optional[dict[str, torch.Tensor]] = None  # see sharded_state_dict
+        if self.base != "bf16":
+            return  # buffers, not parameters: nothing to initialise, split or train (filled at load)
 
         use_expert_pgs = config.expert_model_parallel_size > 1 or (
             config.expert_tensor_parallel_size != config.tensor_model_parallel_size
@@ -201,8 +246,7 @@ class GroupedGemmExperts(MegatronModule):
         return grouped_linear(x, m.weight, counts, offsets)
 
     def quantize_fp8_(self) -> None:
-        """FP8 e4m3 frozen expert weights (``ExpertWeight.quantize_fp8_``). Checkpoints of such a module are
-        not wired yet: ``sharded_state_dict`` refuses them."""
+        """FP8 e4m3 frozen expert weights (``ExpertWeight.quantize_fp8_``), quantized in place from bf16."""
         self.linear_fc1.quantize_fp8_()
         self.linear_fc2.quantize_fp8_()
 
@@ -211,13 +255,15 @@ class GroupedGemmExperts(MegatronModule):
 
     # ------------------------------------------------------------------ checkpoint layout
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        """Per-expert ShardedTensors identical to ``SequentialMLP.sharded_state_dict``'s."""
-        if self.linear_fc1.quantized or self.linear_fc2.quantized:
-            from ..errors import UserError
+        """Per-expert ShardedTensors identical to ``SequentialMLP.sharded_state_dict``'s.
 
-            raise UserError("FP8 expert weights cannot be saved or loaded through torch_dist checkpoints yet",
-                            hint="quantize after the checkpoint load and train without saving the base (LoRA adapters "
-                                 "are exported separately), or keep the experts in bf16")
+        FP8 experts are frozen copies of the pretrained checkpoint's: they are neither saved nor loaded
+        with the model (an empty dict), and ``qnext.megatron.quant_load`` fills them one layer at a time,
+        asking this method for the bf16 layout of one module with ``_load_view`` set to bf16 buffers."""
+        quantized = self.linear_fc1.quantized or self.linear_fc2.quantized
+        if quantized and self._load_view is None:
+            return {}
+        weights = self._load_view if quantized else {n: getattr(self, n).weight for n in ("linear_fc1", "linear_fc2")}
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         singleton = bool((metadata or {}).get("singleton_local_shards", False))
         num_global = self.ep_group.size() * self.num_local_experts
@@ -226,7 +272,7 @@ class GroupedGemmExperts(MegatronModule):
         dp_rank = self.dp_group.rank()
         sd = {}
         for name, tp_axis, split_glu in (("linear_fc1", 0, self.glu), ("linear_fc2", 1, False)):
-            weight = getattr(self, name).weight
+            weight = weights[name]
             sd[f"{prefix}{name}.weight"] = _ExpertStackFactory(
                 key=f"{prefix}experts.{name}.weight",
                 data=weight,

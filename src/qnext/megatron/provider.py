@@ -60,6 +60,12 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     overrides = training_overrides(args)
+    if prep.cfg.train.mode == "lora" and prep.cfg.train.lora.base_dtype != "bf16":
+        if prep.use_te:
+            raise UserError(f"train.lora.base_dtype={prep.cfg.train.lora.base_dtype} needs the TE-free expert layers "
+                            "(qnext's grouped GEMM experts), which are used only where Transformer Engine is not installed",
+                            hint="run where transformer-engine is not installed, or set train.lora.base_dtype=bf16")
+        overrides["qnext_expert_base"] = prep.cfg.train.lora.base_dtype  # FP8 storage, filled by quant_load
     if not prep.use_te and grad_accum.enabled():  # wgrad GEMMs write into the fp32 main_grad (compat.grad_accum)
         overrides["gradient_accumulation_fusion"] = grad_accum.install_grad_accum_fusion()
 

@@ -213,6 +213,7 @@ class MegatronRun:
         from megatron.training.training import setup_model_and_optimizer
 
         from .checkpoint import checkpoint_tensor_keys
+        from .quant_load import fill_quantized_experts
         from .token_scale import FoldedTokenScale, fold_enabled
 
         ckpt = self.prep.ckpt
@@ -238,6 +239,7 @@ class MegatronRun:
             n_fused = use_fused_adam(self.optimizer)
             if n_fused:
                 self.say(f"optimizer: torch fused AdamW ({n_fused} param groups; train.optimizer_fused=false for foreach)")
+        fill_quantized_experts(self.model, self.cfg, ckpt.pretrained, self.say)  # train.lora.base_dtype=fp8 only
         config = get_model_config(self.model[0])
         config.grad_scale_func = self.optimizer.scale_loss
         config.timers = get_timers()

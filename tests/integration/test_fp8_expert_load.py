@@ -1,0 +1,102 @@
+"""FP8 routed experts filled from a converted torch_dist checkpoint one layer at a time
+(qnext.megatron.quant_load) on the tiny Qwen3-Next, on CPU:
+
+- the model built with FP8 expert storage has no bf16 expert weight at all, and megatron's checkpoint load
+  of the rest skips the experts (their state dict is empty);
+- each dist_checkpointing.load call of the expert loader asks for one layer's two expert tensors only;
+- the FP8 values and scales equal, bit for bit, those of the bf16-built model loaded whole and quantized
+  afterwards, and so do the logits of the two models;
+- the cast megatron applies to the whole model (``.bfloat16()``) leaves the FP8 storage as it is.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests/unit"))
+
+pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _build(cfg: dict, base: str):
+    from qnext.megatron.model import build_model
+    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES, construction_device
+
+    with construction_device("cpu"):
+        return build_model(cfg, None, torch.float32, use_te=False,
+                           config_overrides={**CPU_BUILD_OVERRIDES, "deterministic_mode": True, "qnext_expert_base": base})
+
+
+def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from convert_fixtures import small_config, write_hf_checkpoint
+
+    from qnext.convert import convert_hf_to_torch_dist
+    from qnext.megatron.model import load_torch_dist
+    from qnext.megatron.parallel import construction_device, initialize_parallel, use_torch_gdn_path
+    from qnext.megatron.quant_load import fp8_expert_modules, load_fp8_experts
+
+    cfg = small_config()
+    hf = write_hf_checkpoint(tmp_path / "hf")
+    convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    initialize_parallel(None, backend="gloo")
+    use_torch_gdn_path()
+
+    reference = _build(cfg, "bf16")
+    load_torch_dist(reference, tmp_path / "mg")
+    for _, m in fp8_expert_modules(reference):
+        raise AssertionError("a bf16-built model has no FP8 experts")
+    experts_ref = [m for m in reference.modules() if type(m).__name__ == "GroupedGemmExperts"]
+    for m in experts_ref:
+        m.requires_grad_(False)
+        m.quantize_fp8_()
+
+    model = _build(cfg, "fp8")
+    fp8 = fp8_expert_modules(model)
+    assert len(fp8) == len(experts_ref) > 1
+    assert not any(".mlp.experts." in n for n, _ in model.named_parameters())
+    assert not any(".mlp.experts." in k for k in model.sharded_state_dict())
+    load_torch_dist(model, tmp_path / "mg")  # everything else; the experts are still unfilled
+    assert all(float(m.linear_fc1.scale.sum()) == m.linear_fc1.scale.numel() for _, m in fp8)  # initial ones
+
+    calls = []
+    real_load = dist_checkpointing.load
+    monkeypatch.setattr(dist_checkpointing, "load", lambda sd, *a, **k: calls.append(sorted(sd)) or real_load(sd, *a, **k))
+    said = []
+    assert load_fp8_experts([model], tmp_path / "mg", say=said.append) == len(fp8)
+    assert len(calls) == len(fp8) and said
+    for (name, _), keys in zip(fp8, calls):  # one layer's two tensors per call
+        assert keys == [f"{name}.linear_fc1.weight", f"{name}.linear_fc2.weight"], keys
+
+    for (_, got), want in zip(fp8, experts_ref):
+        for sub in ("linear_fc1", "linear_fc2"):
+            a, b = getattr(got, sub), getattr(want, sub)
+            assert torch.equal(a.q.view(torch.uint8), b.q.view(torch.uint8)) and torch.equal(a.scale, b.scale), sub
+
+    ids = torch.randint(0, cfg["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(24)[None]
+    with torch.no_grad(), construction_device("cpu"):
+        out_ref, out = reference(ids, pos, None), model(ids, pos, None)
+    assert torch.equal(out, out_ref)
+
+    # megatron's Float16Module casts the model with .bfloat16(): the FP8 storage must survive it
+    model.bfloat16()
+    for _, m in fp8:
+        assert m.linear_fc1.q.dtype == torch.float8_e4m3fn and m.linear_fc2.scale.dtype == torch.float32
+    assert model.output_layer.weight.dtype == torch.bfloat16
