@@ -11,7 +11,11 @@
 #      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
 #   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline, with a profiled and a
 #      sync-checked step (~6 min)
-# Usage (repo root, packages installed): bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
+#   8. LoRA of the real Qwen3-Next-80B-A3B config on this one GPU, FP8 experts, synthetic weights, 30 steps
+#      (benchmarks/lora_synthetic.py; building the 80B model takes a few minutes)
+#   9. the 4-layer proxy's LoRA with FP8 experts (Megatron entry, real converted weights) next to HF
+# Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
+# record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
 #   STEPS=2,3 runs a subset (default 1,2,3,4,5,6,7). One lent GPU call is 10 minutes and a fresh machine
 #   spends ~5 of them in step 1: run STEPS=1,6 in one call and STEPS=7 in the next, sent at once.
@@ -66,6 +70,16 @@ if want 7; then
   QNEXT_GDN_FLA_NATIVE=1 QNEXT_FUSED=1 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fast" \
     --only megatron:lora,hf:lora --steps 6 --warmup 2 --gbs 2 --timeout 400 --profile --sync-check 2>&1 \
     | tee "$out/throughput_fast.log" | grep "^\[bench\]"
+fi
+if want 8; then
+  step "80B LoRA, FP8 experts, synthetic weights (writes $out/lora_80b_fp8)"
+  timed "$py" benchmarks/lora_synthetic.py --base-dtype fp8 --steps 30 --warmup 3 --out "$out/lora_80b_fp8" 2>&1 \
+    | tee "$out/lora_80b_fp8.log" | grep "^\[synthetic\]" | tail -8
+fi
+if want 9; then
+  step "4-layer proxy LoRA with FP8 experts (writes $out/throughput_fp8)"
+  timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fp8" --only megatron:lora --base-dtype fp8 \
+    --steps 30 --warmup 3 --gbs 2 --timeout 500 2>&1 | tee "$out/throughput_fp8.log" | grep "^\[bench\]"
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"

@@ -191,7 +191,7 @@ def _cuda_allocations_on_cpu():
         torch.zeros = plain
 
 
-def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data):
+def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data, monkeypatch):
     """One training step's gradients through megatron's own schedule (forward_backward_no_pipelining,
     DDP fp32 buffers, finalize_model_grads) with 1/N folded into the loss (qnext.megatron.token_scale,
     the default) against megatron's post-backward per-token scaling. Labels are dropped until N is a
@@ -225,7 +225,11 @@ def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data):
     batches = [megatron_batch(samples[i:i + 2], pad_id, SEQ, pack=False) for i in (0, 2)]
     assert n_host == int(sum(b["loss_mask"].sum() for b in batches))
 
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     def step() -> dict[str, torch.Tensor]:
+        # the aux-loss scale is a class-wide tensor that earlier steps (other tests) may have made 0-d
+        monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", None)
         ddp.zero_grad_buffer()
         with cpu_training(), _cuda_allocations_on_cpu():
             forward_backward_no_pipelining(forward_step_func=forward_step, data_iterator=iter(batches), model=[ddp],
@@ -237,10 +241,10 @@ def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data):
 
     config.grad_scale_func, config.finalize_model_grads_func = unit_scale, finalize_model_grads
     reference = step()
-    # the CPU embedding backward adds in a thread-dependent order: megatron's own path differs from
-    # itself there (rel. 2e-8); every other tensor repeats bit for bit
-    unstable = {k for k, g in step().items() if not torch.equal(g, reference[k])}
-    assert unstable <= {"embedding.word_embeddings.weight"}, unstable
+    # the CPU embedding backward adds in a thread-dependent order: megatron's own path differs from itself
+    # there, sometimes (rel. 2e-8); every other tensor repeats bit for bit
+    unstable = {"embedding.word_embeddings.weight"}
+    assert {k for k, g in step().items() if not torch.equal(g, reference[k])} <= unstable
     folded_scale = FoldedTokenScale(config, unit_scale, finalize_model_grads)
     folded_scale.set_tokens(n_host)
     folded = step()
@@ -249,7 +253,7 @@ def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data):
     assert all(float(g.norm()) > 0 for g in reference.values())
     differ = [k for k in reference if not torch.equal(folded[k], reference[k])]
     print(f"folded vs megatron's per-token scaling over {n_host} tokens: {len(differ)} of {len(reference)} tensors "
-          f"differ ({sorted(unstable)} differ from themselves)")
+          f"differ ({sorted(differ)}; {sorted(unstable)} may differ from itself)")
     assert set(differ) <= unstable, sorted(set(differ) - unstable)[:5]
     for k in differ:
         assert float((folded[k] - reference[k]).norm() / reference[k].norm()) < 1e-6, k
