@@ -269,11 +269,13 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
             step_temp = 0.0 if fused_adam else 4 * n_lora / dp
         else:
             step_temp = 0.0 if fused_adam or t.optimizer_cpu_offload else 4 * local_opt
-        # checkpoint load: megatron's torch_dist load brings the weights in a second copy before they go
+        # checkpoint load: megatron's torch_dist load brought the weights in a second copy before they went
         # into the model (measured: the LoRA 4-layer proxy on one H200 peaked at 26.6 GiB at start-up, its
-        # bf16 weights are 13.4 GiB); DDP's gradient buffer and the fp32 main weights already exist then
+        # bf16 weights are 13.4 GiB); DDP's gradient buffer and the fp32 main weights already exist then.
+        # The expert pieces now load into the model's own tensors (experts._make_merge_fn, CPU-tested), which
+        # should remove most of that copy; this term stays until a GPU run's startup_peak_gib measures it
         load = 2 * weights + grads + (4 * local_opt if not lora and not t.optimizer_cpu_offload else 0.0) + lora_b
-        if fp8:  # megatron's load copies the rest twice; quant_load brings one layer's bf16 experts (twice)
+        if fp8:  # megatron's load copies the rest twice; quant_load brings one layer's bf16 experts
             load = 2 * 2 * dense + expert_bytes * expert + 2 * one_layer_bf16 + lora_b
         total = max(weights + grads + opt + lora_b + max(act, step_temp), load)
         if best is None or total > best[0]:

@@ -3,6 +3,7 @@
 
 - the model built with FP8 expert storage has no bf16 expert weight at all, and megatron's checkpoint load
   of the rest skips the experts (their state dict is empty);
+- the bf16 model's load fills the stacked expert weights in place (no second copy at start-up);
 - each dist_checkpointing.load call of the expert loader asks for one layer's two expert tensors only;
 - the FP8 values and scales equal, bit for bit, those of the bf16-built model loaded whole and quantized
   afterwards, and so do the logits of the two models;
@@ -59,7 +60,17 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     use_torch_gdn_path()
 
     reference = _build(cfg, "bf16")
+    results = []
+    real_load = dist_checkpointing.load
+    monkeypatch.setattr(dist_checkpointing, "load", lambda *a, **k: results.append(real_load(*a, **k)) or results[-1])
     load_torch_dist(reference, tmp_path / "mg")
+    monkeypatch.setattr(dist_checkpointing, "load", real_load)
+    # torch_dist loads the experts into the model's own weights: the "merged" tensor is the parameter itself,
+    # no second copy of the experts at start-up
+    params = dict(reference.named_parameters())
+    expert_keys = [k for k in results[0][0] if ".mlp.experts.linear_fc" in k and k.endswith(".weight")]
+    assert len(expert_keys) == 2 * sum(type(m).__name__ == "GroupedGemmExperts" for m in reference.modules()) > 0
+    assert all(results[0][0][k] is params[k] for k in expert_keys)
     for _, m in fp8_expert_modules(reference):
         raise AssertionError("a bf16-built model has no FP8 experts")
     experts_ref = [m for m in reference.modules() if type(m).__name__ == "GroupedGemmExperts"]
@@ -76,7 +87,6 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     assert all(float(m.linear_fc1.scale.sum()) == m.linear_fc1.scale.numel() for _, m in fp8)  # initial ones
 
     calls = []
-    real_load = dist_checkpointing.load
     monkeypatch.setattr(dist_checkpointing, "load", lambda sd, *a, **k: calls.append(sorted(sd)) or real_load(sd, *a, **k))
     said = []
     assert load_fp8_experts([model], tmp_path / "mg", say=said.append) == len(fp8)

@@ -280,7 +280,7 @@ class GroupedGemmExperts(MegatronModule):
                     name, tp_axis, split_glu, tuple(sharded_offsets), first_global, num_global, tp_rank, tp_size,
                     singleton,
                 ),
-                merge_fn=_make_merge_fn(split_glu),
+                merge_fn=_make_merge_fn(split_glu, weight),
                 replica_id=(0, 0, dp_rank),
             )
             # One (empty) extra-state object per expert, keyed like SequentialMLP's linears'.
@@ -342,8 +342,15 @@ def _make_build_fn(name, tp_axis, split_glu, sharded_offsets, first_global, num_
     return build
 
 
-def _make_merge_fn(split_glu: bool):
+def _make_merge_fn(split_glu: bool, data: Optional[torch.Tensor] = None):
+    """The stacked weight from its loaded pieces. torch_dist loads into the pieces ``build`` made, which are
+    views of ``data`` (the module's own weight): then ``data`` already holds the result and is returned as is,
+    so a checkpoint load needs no second copy of the experts (the start-up peak the planner once had to
+    count). Pieces that are not those views (another loader) are stacked into a new tensor."""
+
     def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+        if data is not None and _views_of(parts, data, split_glu):
+            return data
         if split_glu:
             experts = [torch.cat((parts[i], parts[i + 1]), dim=0) for i in range(0, len(parts), 2)]
         else:
@@ -351,3 +358,18 @@ def _make_merge_fn(split_glu: bool):
         return torch.stack(experts, dim=0)
 
     return merge
+
+
+def _views_of(parts: list[torch.Tensor], data: torch.Tensor, split_glu: bool) -> bool:
+    """Whether ``parts`` are exactly ``build``'s views of ``data``, in order (expert e, then its GLU halves)."""
+    per = 2 if split_glu else 1
+    if len(parts) != data.shape[0] * per or data.numel() == 0:
+        return False
+    base = data.untyped_storage().data_ptr()
+    for i, part in enumerate(parts):
+        e, half = divmod(i, per)
+        want = torch.chunk(data[e], 2, dim=0)[half] if split_glu else data[e]
+        if (part.untyped_storage().data_ptr() != base or part.storage_offset() != want.storage_offset()
+                or part.shape != want.shape or part.stride() != want.stride()):
+            return False
+    return True
