@@ -112,9 +112,8 @@ def main(argv=None) -> int:
             hf["layer_types"] = hf["layer_types"][:args.layers]
     cpu = args.device == "cpu"
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # one process of its own: a fresh port, whatever a parent process left in the environment
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     initialize_parallel(None, backend="gloo" if cpu else None)
     device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if cpu else torch.bfloat16

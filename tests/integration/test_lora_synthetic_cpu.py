@@ -4,6 +4,7 @@ carries the fields the one-GPU 80B record needs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ def test_synthetic_lora_run_record(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks/lora_synthetic.py"), "--model", str(REPO / "models/tiny_qwen3_next/config.json"),
            "--device", "cpu", "--steps", "3", "--warmup", "1", "--seq", "128", "--base-dtype", "fp8", "--lr", "5e-2",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "lora_synthetic.json").read_text())
     for key in ("layers", "experts", "gpus", "base_dtype", "synthetic_weights", "tokens_per_s_per_gpu", "peak_mem_gib",

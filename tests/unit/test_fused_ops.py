@@ -65,3 +65,43 @@ def test_cpu_and_switch_take_the_reference(monkeypatch):
     assert not fused._use_compiled(cuda_like)
     monkeypatch.delenv("QNEXT_FUSED")
     assert not fused._use_compiled(cuda_like)  # opt-in until checked in a GPU training step
+
+
+def test_native_fused_cross_entropy_equals_megatrons_unfused_one(monkeypatch):
+    """QNEXT_FUSED=1 also turns on megatron-core's native fused cross-entropy (config flag); on bf16 logits
+    (the training dtype: its backward always returns bf16) its loss and logit gradient equal the unfused
+    vocab-parallel cross-entropy's (run eagerly here: dynamo off, the same arithmetic the GPU compiles)."""
+    pytest.importorskip("megatron.core")
+    from megatron.core import parallel_state as ps
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from qnext.megatron.config import hf_to_transformer_config
+    from qnext.megatron.parallel import initialize_parallel
+
+    initialize_parallel()
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(6, 2, 50, generator=gen) * 3).bfloat16()
+    labels = torch.randint(0, 50, (6, 2), generator=gen)
+    weight = torch.linspace(0.5, 1.5, 12).view(6, 2)
+    out = {}
+    for name, fn in (("unfused", lambda x: vocab_parallel_cross_entropy(x, labels)),
+                     ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, ps.get_tensor_model_parallel_group()))):
+        x = logits.clone().requires_grad_(True)
+        loss = fn(x)
+        (loss * weight).sum().backward()
+        out[name] = (loss.detach(), x.grad)
+    assert out["fused"][1].dtype == out["unfused"][1].dtype == torch.bfloat16
+    assert torch.allclose(out["fused"][0], out["unfused"][0], rtol=1e-6, atol=1e-6)
+    print("fused vs unfused CE, logit-gradient max abs diff:", float((out["fused"][1].float() - out["unfused"][1].float()).abs().max()))
+    assert torch.equal(out["fused"][1], out["unfused"][1])
+    want = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 50), labels.reshape(-1), reduction="none").view(6, 2)
+    assert torch.allclose(out["fused"][0], want, rtol=1e-5, atol=1e-5)
+
+    tiny = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models/tiny_qwen3_next/config.json")
+    monkeypatch.setenv("QNEXT_FUSED", "1")
+    cfg = hf_to_transformer_config(tiny, None, torch.float32).config
+    assert cfg.cross_entropy_loss_fusion and cfg.cross_entropy_fusion_impl == "native"
+    monkeypatch.delenv("QNEXT_FUSED")
+    assert not hf_to_transformer_config(tiny, None, torch.float32).config.cross_entropy_loss_fusion

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .fused import fused_enabled
 
 HFConfig = Mapping[str, Any]
 
@@ -267,6 +268,9 @@ def hf_to_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # megatron's own fused cross-entropy (torch.compile'd pieces, no TE) with QNEXT_FUSED=1 (opt-in, fused.py)
+        cross_entropy_loss_fusion=not use_te and fused_enabled(),
+        cross_entropy_fusion_impl="native",
     )
     if any_moe:
         kwargs.update(
