@@ -151,6 +151,8 @@ def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute
         b += 2 * (2 * hk * dk + hv * dv) * 2  # conv input and output
         b += 2 * hv * dv * 3  # chunked rule output, gated-norm input and output (out_proj input)
     moe = 4 * experts + topk * 2 * (h + 3 * f) + 2 * (3 * fs)  # router logits (fp32), dispatched tokens, FFNs
+    if recompute == "experts_act":
+        moe -= topk * 2 * f  # the routed experts' activation output (fc2's input) is recomputed
     b += 0 if recompute == "selective" else moe
     return b
 
@@ -299,7 +301,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     return pl
 
 
-RECOMPUTE_ORDER = ("none", "selective", "full")  # least recomputation (fastest step) first
+RECOMPUTE_ORDER = ("none", "experts_act", "selective", "full")  # least recomputation (fastest step) first
 AUTO_HEADROOM = 0.95  # a level is chosen when its planned peak (allowances included) is within this share of the GPU
 DEFAULT_GPU_BYTES = 80 * GIB  # for recompute=auto where no GPU is visible (planning on a CPU)
 

@@ -27,11 +27,15 @@ from .checkpoint import CheckpointPlan, checkpoint_plan
 
 TENSORBOARD_SUBDIR = "tensorboard"
 
-# recipe parallel.recompute -> megatron's recompute flags. "selective" recomputes the softmax
+# recipe parallel.recompute -> megatron's recompute flags. "experts_act" recomputes only the routed
+# experts' activation (SwiGLU x routing probability) in the backward instead of keeping its output: qnext's
+# GroupedGemmExperts does that itself (megatron's "moe_act" accepts only its grouped-GEMM experts), so it
+# has no megatron flag (qnext.megatron.provider sets the model's field); "selective" recomputes the softmax
 # attention core and the whole MoE block (router, token dispatch, 10 routed experts: the largest
 # activations of Qwen3-Next); "full" recomputes every layer from its input.
 RECOMPUTE = {
     "none": [],
+    "experts_act": [],
     "selective": ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "moe"],
     "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
 }

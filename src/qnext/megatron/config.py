@@ -289,10 +289,13 @@ def hf_to_transformer_config(
             moe_grouped_gemm=use_te,  # TE path: TEGroupedMLP; TE-free path: qnext GroupedGemmExperts
             moe_permute_fusion=False,
         )
-    expert_base = overrides.pop("qnext_expert_base", "bf16")  # qnext's own field (GroupedGemmExperts reads it)
+    # qnext's own fields (GroupedGemmExperts reads them); TransformerConfig does not take them
+    expert_base = overrides.pop("qnext_expert_base", "bf16")
+    recompute_experts_act = bool(overrides.pop("qnext_recompute_experts_act", False))
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
     config.qnext_expert_base = expert_base
+    config.qnext_recompute_experts_act = recompute_experts_act
     return MegatronModelArgs(
         config=config,
         vocab_size=int(cfg["vocab_size"]),

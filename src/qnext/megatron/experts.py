@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -171,6 +172,8 @@ class GroupedGemmExperts(MegatronModule):
         self.linear_fc1 = ExpertWeight(num_local_experts, fc1_out, config.hidden_size, **kw)
         self.linear_fc2 = ExpertWeight(num_local_experts, config.hidden_size, ffn_local, **kw)
         self._load_view: Optional[dict[str, torch.Tensor]] = None  # see sharded_state_dict
+        # parallel.recompute=experts_act (qnext's field: megatron's "moe_act" accepts only its own experts)
+        self.recompute_activation = bool(getattr(config, "qnext_recompute_experts_act", False))
         if self.base != "bf16":
             return  # buffers, not parameters: nothing to initialise, split or train (filled at load)
 
@@ -233,7 +236,11 @@ class GroupedGemmExperts(MegatronModule):
             t = tokens_per_expert
             counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
         h = self._project(self.linear_fc1, x, counts, offsets)
-        h = self._activation(h, probs)
+        if self.recompute_activation and torch.is_grad_enabled():
+            # keep fc1's output and the probabilities, not the activation's output: it is recomputed in backward
+            h = torch.utils.checkpoint.checkpoint(self._activation, h, probs, use_reentrant=False)
+        else:
+            h = self._activation(h, probs)
         out = self._project(self.linear_fc2, h, counts, offsets)
         return out, None
 
