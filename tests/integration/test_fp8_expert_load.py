@@ -71,6 +71,16 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     expert_keys = [k for k in results[0][0] if ".mlp.experts.linear_fc" in k and k.endswith(".weight")]
     assert len(expert_keys) == 2 * sum(type(m).__name__ == "GroupedGemmExperts" for m in reference.modules()) > 0
     assert all(results[0][0][k] is params[k] for k in expert_keys)
+    # ... and holds the checkpoint's values: the same as a load that stacks the pieces into new tensors
+    import qnext.megatron.experts as experts_mod
+
+    monkeypatch.setattr(experts_mod, "_views_of", lambda *a: False)
+    stacked = _build(cfg, "bf16")
+    load_torch_dist(stacked, tmp_path / "mg")
+    monkeypatch.undo()
+    stacked_params = dict(stacked.named_parameters())
+    for k in expert_keys:
+        assert float(params[k].abs().sum()) > 0 and torch.equal(params[k], stacked_params[k]), k
     for _, m in fp8_expert_modules(reference):
         raise AssertionError("a bf16-built model has no FP8 experts")
     experts_ref = [m for m in reference.modules() if type(m).__name__ == "GroupedGemmExperts"]
@@ -110,3 +120,50 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     for _, m in fp8:
         assert m.linear_fc1.q.dtype == torch.float8_e4m3fn and m.linear_fc2.scale.dtype == torch.float32
     assert model.output_layer.weight.dtype == torch.bfloat16
+
+
+def test_lora_with_the_fp8_base_stays_within_the_quantization_bound_of_the_unquantized_base(tmp_path):
+    """The tiny model with LoRA (the 7 default targets, non-zero B) on its loaded unquantized base and on the
+    same base with FP8 experts: logits and every LoRA gradient. Each expert weight moves by at most 2^-4 of
+    itself (e4m3, qnext.quant.fp8.error_bound); independent roundings add in quadrature, so one expert
+    layer's output moves by about 2^-4/sqrt(3) = 3.6%, and the experts are one branch of each layer's
+    residual stream: the logits may move by at most 2^-4 (rel. L2), the LoRA gradients by at most 2^-3."""
+    from convert_fixtures import small_config, write_hf_checkpoint
+
+    from qnext.config.schema import LoraConfig
+    from qnext.convert import convert_hf_to_torch_dist
+    from qnext.lora import apply_lora, lora_parameters
+    from qnext.megatron.model import load_torch_dist
+    from qnext.megatron.parallel import construction_device, initialize_parallel, use_torch_gdn_path
+    from qnext.megatron.quant_load import load_fp8_experts
+
+    cfg = small_config()
+    hf = write_hf_checkpoint(tmp_path / "hf")
+    convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
+    if not torch.distributed.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    initialize_parallel(None, backend="gloo")
+    use_torch_gdn_path()
+    ids = torch.randint(0, cfg["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(32)[None]
+    out = {}
+    for base in ("bf16", "fp8"):
+        model = _build(cfg, base)
+        load_torch_dist(model, tmp_path / "mg")
+        if base == "fp8":
+            load_fp8_experts(model, tmp_path / "mg")
+        model = apply_lora(model, LoraConfig(r=4, alpha=8.0), hf_config=cfg, seed=0)
+        with torch.no_grad():  # B = 0 at initialisation would give A no gradient: the same random B in both
+            g = torch.Generator().manual_seed(2)
+            for p_ in lora_parameters(model):
+                p_.copy_(torch.randn(p_.shape, generator=g) * 0.05)
+        with construction_device("cpu"):
+            logits = model(ids, pos, None)
+            (logits.float() * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        out[base] = (logits.detach(), [p_.grad.clone() for p_ in lora_parameters(model)])
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    d_logits = rel(out["fp8"][0], out["bf16"][0])
+    d_grads = max(rel(a, b) for a, b in zip(out["fp8"][1], out["bf16"][1]))
+    print(f"fp8 vs unquantized base with LoRA: logits rel L2 {d_logits:.4f}, worst LoRA gradient {d_grads:.4f}")
+    assert len(out["fp8"][1]) > 10
+    assert 0 < d_logits < 2.0**-4 and 0 < d_grads < 2.0**-3
