@@ -439,7 +439,8 @@ def main() -> int:
             if approach == "megatron":
                 rc = args.recompute_lora if mode == "lora" else args.recompute_full
                 row["layout"] = (f"1 GPU, recompute {rc}" if ngpu == 1 else f"EP{ngpu}") + (
-                    ", optimizer CPU offload" if mode == "full" and args.full_offload else "")
+                    ", optimizer CPU offload" if mode == "full" and args.full_offload else "") + (
+                    ", FP8 experts" if row["base_dtype"] == "fp8" else "")
                 row.update(planned_gib(ovs, ngpu))
             else:
                 row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
@@ -468,7 +469,8 @@ def main() -> int:
             row.update(ep_emulation(args, mode))
         print(f"[bench] {approach} {mode}: " + json.dumps({k: v for k, v in row.items() if k not in ('log_tail', 'losses')}),
               flush=True)
-        data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"]) != (approach, mode)] + [row]
+        key = (approach, mode, row["base_dtype"])  # a run replaces an earlier one of the same approach, mode, base
+        data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"], r.get("base_dtype", "bf16")) != key] + [row]
         order = {(a, m): i for i, (m, a) in enumerate((m, a) for m in MODES for a in APPROACHES)}
         data["runs"].sort(key=lambda r: order.get((r["approach"], r["mode"]), 99))
         atomic_write_text(json_path, json.dumps(data, indent=1) + "\n")  # results so far survive a killed run
