@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import json
 import math
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -31,11 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qnext.errors import UserError, cli_main  # noqa: E402
 
 
 @torch.no_grad()
@@ -77,6 +71,7 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
     return n
 
 
+@cli_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/qwen3_next_80b_a3b/config.json", help="HF config.json")
@@ -105,16 +100,17 @@ def main(argv=None) -> int:
     from qnext.plan import GIB, plan
     from qnext.throughput import mfu, step_flops
 
-    hf = json.loads(args.model.read_text())
+    from qnext.megatron.config import load_hf_config
+
+    hf = load_hf_config(args.model)  # a missing or malformed file is one message, exit 2
+    if args.steps < 1 or args.warmup < 0 or args.seq < 16:
+        raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq}", hint="need steps >= 1, warmup >= 0, seq >= 16")
     if args.layers:
         hf["num_hidden_layers"] = args.layers
         if isinstance(hf.get("layer_types"), list):
             hf["layer_types"] = hf["layer_types"][:args.layers]
     cpu = args.device == "cpu"
-    if not torch.distributed.is_initialized():
-        # one process of its own: a fresh port, whatever a parent process left in the environment
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    initialize_parallel(None, backend="gloo" if cpu else None)
+    initialize_parallel(None, backend="gloo" if cpu else None)  # a world of one unless torchrun set RANK
     device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if cpu else torch.bfloat16
     overrides = {"qnext_expert_base": args.base_dtype, "calculate_per_token_loss": True}

@@ -41,29 +41,38 @@ def _build(cfg: dict, base: str):
                            config_overrides={**CPU_BUILD_OVERRIDES, "deterministic_mode": True, "qnext_expert_base": base})
 
 
-def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(tmp_path, monkeypatch):
-    from megatron.core import dist_checkpointing
-
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The tiny checkpoint written and converted once, and a gloo world of one (CPU GDN path)."""
     from convert_fixtures import small_config, write_hf_checkpoint
 
     from qnext.convert import convert_hf_to_torch_dist
-    from qnext.megatron.model import load_torch_dist
-    from qnext.megatron.parallel import construction_device, initialize_parallel, use_torch_gdn_path
-    from qnext.megatron.quant_load import fp8_expert_modules, load_fp8_experts
+    from qnext.megatron.parallel import initialize_parallel, use_torch_gdn_path
 
-    cfg = small_config()
-    hf = write_hf_checkpoint(tmp_path / "hf")
-    convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
+    base = tmp_path_factory.mktemp("fp8")
+    hf = write_hf_checkpoint(base / "hf")
+    convert_hf_to_torch_dist(hf, base / "mg", progress=False, log=None)
     if not torch.distributed.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     initialize_parallel(None, backend="gloo")
     use_torch_gdn_path()
+    return small_config(), base / "mg"
+
+
+def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(converted, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from qnext.megatron.model import load_torch_dist
+    from qnext.megatron.parallel import construction_device
+    from qnext.megatron.quant_load import fp8_expert_modules, load_fp8_experts
+
+    cfg, mg = converted
 
     reference = _build(cfg, "bf16")
     results = []
     real_load = dist_checkpointing.load
     monkeypatch.setattr(dist_checkpointing, "load", lambda *a, **k: results.append(real_load(*a, **k)) or results[-1])
-    load_torch_dist(reference, tmp_path / "mg")
+    load_torch_dist(reference, mg)
     monkeypatch.setattr(dist_checkpointing, "load", real_load)
     # torch_dist loads the experts into the model's own weights: the "merged" tensor is the parameter itself,
     # no second copy of the experts at start-up
@@ -76,7 +85,7 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
 
     monkeypatch.setattr(experts_mod, "_views_of", lambda *a: False)
     stacked = _build(cfg, "bf16")
-    load_torch_dist(stacked, tmp_path / "mg")
+    load_torch_dist(stacked, mg)
     monkeypatch.undo()
     stacked_params = dict(stacked.named_parameters())
     for k in expert_keys:
@@ -93,13 +102,13 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     assert len(fp8) == len(experts_ref) > 1
     assert not any(".mlp.experts." in n for n, _ in model.named_parameters())
     assert not any(".mlp.experts." in k for k in model.sharded_state_dict())
-    load_torch_dist(model, tmp_path / "mg")  # everything else; the experts are still unfilled
+    load_torch_dist(model, mg)  # everything else; the experts are still unfilled
     assert all(float(m.linear_fc1.scale.sum()) == m.linear_fc1.scale.numel() for _, m in fp8)  # initial ones
 
     calls = []
     monkeypatch.setattr(dist_checkpointing, "load", lambda sd, *a, **k: calls.append(sorted(sd)) or real_load(sd, *a, **k))
     said = []
-    assert load_fp8_experts([model], tmp_path / "mg", say=said.append) == len(fp8)
+    assert load_fp8_experts([model], mg, say=said.append) == len(fp8)
     assert len(calls) == len(fp8) and said
     for (name, _), keys in zip(fp8, calls):  # one layer's two tensors per call
         assert keys == [f"{name}.linear_fc1.weight", f"{name}.linear_fc2.weight"], keys
@@ -122,36 +131,27 @@ def test_fp8_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_model(t
     assert model.output_layer.weight.dtype == torch.bfloat16
 
 
-def test_lora_with_the_fp8_base_stays_within_the_quantization_bound_of_the_unquantized_base(tmp_path):
+def test_lora_with_the_fp8_base_stays_within_the_quantization_bound_of_the_unquantized_base(converted):
     """The tiny model with LoRA (the 7 default targets, non-zero B) on its loaded unquantized base and on the
     same base with FP8 experts: logits and every LoRA gradient. Each expert weight moves by at most 2^-4 of
     itself (e4m3, qnext.quant.fp8.error_bound); independent roundings add in quadrature, so one expert
     layer's output moves by about 2^-4/sqrt(3) = 3.6%, and the experts are one branch of each layer's
     residual stream: the logits may move by at most 2^-4 (rel. L2), the LoRA gradients by at most 2^-3."""
-    from convert_fixtures import small_config, write_hf_checkpoint
-
     from qnext.config.schema import LoraConfig
-    from qnext.convert import convert_hf_to_torch_dist
     from qnext.lora import apply_lora, lora_parameters
     from qnext.megatron.model import load_torch_dist
-    from qnext.megatron.parallel import construction_device, initialize_parallel, use_torch_gdn_path
+    from qnext.megatron.parallel import construction_device
     from qnext.megatron.quant_load import load_fp8_experts
 
-    cfg = small_config()
-    hf = write_hf_checkpoint(tmp_path / "hf")
-    convert_hf_to_torch_dist(hf, tmp_path / "mg", progress=False, log=None)
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    initialize_parallel(None, backend="gloo")
-    use_torch_gdn_path()
+    cfg, mg = converted
     ids = torch.randint(0, cfg["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(32)[None]
     out = {}
     for base in ("bf16", "fp8"):
         model = _build(cfg, base)
-        load_torch_dist(model, tmp_path / "mg")
+        load_torch_dist(model, mg)
         if base == "fp8":
-            load_fp8_experts(model, tmp_path / "mg")
+            load_fp8_experts(model, mg)
         model = apply_lora(model, LoraConfig(r=4, alpha=8.0), hf_config=cfg, seed=0)
         with torch.no_grad():  # B = 0 at initialisation would give A no gradient: the same random B in both
             g = torch.Generator().manual_seed(2)

@@ -18,11 +18,12 @@ and gradients, on the CPU (where inductor compiles C++).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .switches import switch_on
 
 ENV = "QNEXT_FUSED"
 
@@ -30,7 +31,7 @@ ENV = "QNEXT_FUSED"
 def fused_enabled() -> bool:
     """Opt-in (``QNEXT_FUSED=1``) until the compiled forms have run in a GPU training step
     (``tests/gpu/test_megatron_model_gpu.py::test_fast_paths_match_the_reference_paths``)."""
-    return os.environ.get(ENV, "0") not in ("0", "false", "no", "off")
+    return switch_on(ENV, False)
 
 
 # ------------------------------------------------------------------------------------------ reference

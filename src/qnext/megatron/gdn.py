@@ -21,8 +21,6 @@ called where the packed row's parameters are built), so nothing in the layer rea
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megatron.core.ssm.gated_delta_net import common as _common
@@ -30,11 +28,12 @@ from megatron.core.ssm.gated_delta_net import gdn as _gdn
 from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
 
 from .data import host_copy
+from .switches import switch_on
 
 ENV = "QNEXT_GDN_FLA_NATIVE"
 def fla_native_enabled() -> bool:
     """On unless ``QNEXT_GDN_FLA_NATIVE=0`` (``test_fast_paths_match_the_reference_paths`` passed on a GPU)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch_on(ENV, True)
 
 
 def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):

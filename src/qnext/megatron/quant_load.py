@@ -38,7 +38,7 @@ def load_fp8_experts(model, ckpt_dir: str | Path, *, say: Optional[Callable[[str
 
     chunks = model if isinstance(model, (list, tuple)) else [model]
     path = str(resolve_checkpoint_dir(ckpt_dir))
-    done, t0 = 0, time.perf_counter()
+    t0 = time.perf_counter()
     todo = [(chunk, name, m) for chunk in chunks for name, m in fp8_expert_modules(_unwrap(chunk))]
     for i, (chunk, name, module) in enumerate(todo):
         dtype = module.config.params_dtype  # the checkpoint's training dtype (bf16 for real runs)
@@ -64,10 +64,9 @@ def load_fp8_experts(model, ckpt_dir: str | Path, *, say: Optional[Callable[[str
                 sub = "linear_fc1" if key.endswith("linear_fc1.weight") else "linear_fc2"
                 getattr(module, sub).set_quantized_(w)
         del loaded, mine
-        done += 1
         if say is not None and (i + 1 == len(todo) or (i + 1) % 8 == 0):
             say(f"fp8 experts: {i + 1}/{len(todo)} layers loaded and quantized ({time.perf_counter() - t0:.0f}s)")
-    return done
+    return len(todo)
 
 
 def fill_quantized_experts(model, cfg, pretrained: Optional[str], say: Callable[[str], None]) -> int:

@@ -15,20 +15,20 @@ no token count, so the pass is skipped. Data-parallel gradients are summed, not 
 ``calculate_per_token_loss`` (megatron's DDP), so ``N`` is the count of the whole global batch.
 
 ``QNEXT_FOLD_TOKEN_SCALE=0`` keeps megatron's post-backward scaling (the reference;
-``tests/integration/test_megatron_token_scale.py`` compares the two through megatron's schedule).
+``tests/integration/test_megatron_forward_step.py`` compares the two through megatron's schedule).
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterable, Mapping
 
 from ..data.dataset import IGNORE_INDEX
+from .switches import switch_on
 
 ENV = "QNEXT_FOLD_TOKEN_SCALE"
 
 
 def fold_enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switch_on(ENV, True)
 
 
 def loss_token_count(sample: Mapping[str, Any]) -> int:

@@ -7,8 +7,9 @@ the accumulation into ``main_grad`` only through Apex's ``fused_weight_gradient_
 into the fp32 buffer (``main_grad.add_``: 52 ms of a 451 ms full step of the 4-layer proxy on an
 H200, FINDINGS.md), rounding each micro-batch's gradient to bf16 on the way.
 
-:mod:`torch` has had the same operation since 2.9: ``torch.addmm(out, a, b, out_dtype=torch.float32)``
-multiplies bf16 matrices into an fp32 output with cuBLAS's ``beta = 1`` (CUDA only). This module is a
+:mod:`torch` 2.11 has the same operation: ``torch.addmm(main_grad, a, b, out_dtype=torch.float32,
+out=main_grad)`` adds the product of bf16 matrices to an fp32 matrix in one GEMM (CUDA only; on the CPU the
+dtype variant does not exist). This module is a
 stand-in for the extension with that call (and a plain fp32 ``addmm_`` where the dtype variant does not
 exist, the reference and the CPU path), registered under the extension's name before megatron imports
 it. ``QNEXT_GRAD_ACCUM_FUSION=1`` turns it on (opt-in until its GPU test,
@@ -17,18 +18,19 @@ passed); the weights of qnext's grouped experts and the LoRA adapters keep the u
 """
 from __future__ import annotations
 
-import os
 import sys
 import types
 
 import torch
+
+from ..switches import switch_on
 
 ENV = "QNEXT_GRAD_ACCUM_FUSION"
 MODULE = "fused_weight_gradient_mlp_cuda"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "0").strip().lower() not in ("0", "false", "no", "off", "")
+    return switch_on(ENV, False)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
