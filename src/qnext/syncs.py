@@ -26,6 +26,12 @@ PLANNED: dict[tuple[str, str], str] = {
         "megatron's optimizer step reads the grad norm / skip decision on the host (once per step)",
     ("megatron/core/optimizer/distrib_optimizer.py", "step_with_ready_grads"):
         "megatron's optimizer step (once per step)",
+    ("megatron/training/utils/common_utils.py", "logical_and_across_model_parallel_group"):
+        "train_step agrees on the update across model-parallel ranks, after the optimizer step (once per step; "
+        "a one-rank group skips it: qnext.megatron.compat.step_reductions)",
+    ("megatron/training/utils/common_utils.py", "reduce_max_stat_across_model_parallel_group"):
+        "train_step shares the gradient norm across model-parallel ranks, after the optimizer step (once per "
+        "step; a one-rank group skips it: qnext.megatron.compat.step_reductions)",
 }
 
 

@@ -156,7 +156,10 @@ def test_lora_lowers_heldout_loss_and_matches_hf_peft(converted, tmp_path):
     tol = max(2 * res["hf_peft_bf16_vs_fp32"], 3e-2)  # as benchmarks/megatron_hf_parity.py
     assert res["megatron_bf16_vs_hf_peft_fp32"] < tol, res
     assert res["megatron_merged_vs_unmerged_bf16"] < tol, res
-    assert res["hf_merged_export_vs_peft_fp32"] < 1e-5, res
+    # fp32 on both sides, but fla's Triton kernels take fp32 dot products in TF32 on the GPU, so a merged weight
+    # that differs from W + s*B@A by fp32 rounding moves the logits by ~1e-5 (1.4e-5 on an H200, 2026-12-03);
+    # a wrong merge (scale, transpose, a module left out) moves them by a good part of the adapter's effect
+    assert res["hf_merged_export_vs_peft_fp32"] < min(1e-4, 0.05 * res["adapter_effect_fp32"]), res
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -124,6 +124,35 @@ def host_copy(cu: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return getattr(cu, _HOST, None) if cu is not None else None
 
 
+_CHUNKS = "_qnext_chunk_tables"
+
+
+def chunk_table(cu_host: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """fla's chunk table of a packed row on the host: one ``(sequence, chunk within it)`` row per
+    ``chunk_size``-token chunk of each sequence (what ``fla.ops.utils.prepare_chunk_indices`` builds)."""
+    counts = (cu_host[1:] - cu_host[:-1] + (chunk_size - 1)) // chunk_size
+    seq = torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int64), counts)
+    first = torch.cumsum(counts, 0) - counts  # index of each sequence's first chunk
+    return torch.stack([seq, torch.arange(len(seq), dtype=torch.int64) - first[seq]], 1)
+
+
+def chunk_indices(cu: Optional[torch.Tensor], chunk_size: int = 64) -> Optional[torch.Tensor]:
+    """fla's chunk table for the packed row ``cu`` on ``cu``'s device, built from the host copy and cached on
+    ``cu`` (every GDN layer of a micro-batch, forward and backward, shares it). fla builds the same table
+    per call from ``cu_seqlens_cpu`` and copies it with a blocking host-to-device copy, which waits for the
+    GPU queue to drain; here it is copied once from pinned memory without waiting. None without a host copy."""
+    host = host_copy(cu)
+    if host is None:
+        return None
+    cache = cu.__dict__.setdefault(_CHUNKS, {})
+    if chunk_size not in cache:
+        table = chunk_table(host, chunk_size).to(cu.dtype)
+        if cu.is_cuda:
+            table = table.pin_memory().to(cu.device, non_blocking=True)
+        cache[chunk_size] = table
+    return cache[chunk_size]
+
+
 def packed_seq_params(batch: dict[str, Any]):
     """Megatron's ``thd`` description of a packed row, or None for padded rows."""
     if "cu_seqlens" not in batch:

@@ -3,9 +3,10 @@
 megatron-core 0.19.2 prepares the delta rule's inputs itself: it L2-normalises q and k with a
 separate kernel, repeats the 16 key heads to the 32 value heads (``repeat_interleave``, a copy of q
 and k twice their size), and hands fla's chunked kernel and causal conv the ``cu_seqlens`` of a packed
-row on the GPU only, from which fla derives its chunk tables with a host copy (a device sync) per
-call. fla 0.6 does all three itself: ``use_qk_l2norm_in_kernel``, grouped value heads (a value head
-reads key head ``hv // (HV / H)``, the same mapping as ``repeat_interleave``) and ``cu_seqlens_cpu``.
+row on the GPU only, from which fla derives its chunk tables with a device read or a blocking
+host-to-device copy (each a device sync) per call. fla 0.6 does all three itself:
+``use_qk_l2norm_in_kernel``, grouped value heads (a value head reads key head ``hv // (HV / H)``, the
+same mapping as ``repeat_interleave``) and ``cu_seqlens_cpu``.
 
 :class:`QnextGatedDeltaNet` is megatron's module (same parameters, checkpoint keys and forward)
 with those three handed to fla. It applies where megatron would call fla's chunked kernel (not in
@@ -13,8 +14,10 @@ with those three handed to fla. It applies where megatron would call fla's chunk
 selects megatron's own preparation (the reference). ``tests/gpu/test_megatron_model_gpu.py`` compares the
 two, values and gradients; it passed on an H200 on 2026-12-03
 (``benchmarks/results/gpu_checks_2026-12-03_h200/``). The host
-copy of ``cu_seqlens`` goes to fla's chunked rule and causal conv on both paths: it only replaces the
-device copy fla would otherwise read back to build the same chunk tables.
+copy of ``cu_seqlens`` and the chunk table built from it once per micro-batch
+(``qnext.megatron.data.chunk_indices``, copied from pinned memory without waiting) go to fla's chunked
+rule and causal conv on both paths: they replace the table fla would otherwise build, and copy with a
+sync, in every layer.
 
 The host copy of ``cu_seqlens`` travels on the device tensor itself (``qnext.megatron.data.attach_host_copy``,
 called where the packed row's parameters are built), so nothing in the layer reads the device.
@@ -27,7 +30,7 @@ from megatron.core.ssm.gated_delta_net import common as _common
 from megatron.core.ssm.gated_delta_net import gdn as _gdn
 from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
 
-from .data import host_copy
+from .data import chunk_indices, host_copy
 from .switches import switch_on
 
 ENV = "QNEXT_GDN_FLA_NATIVE"
@@ -36,21 +39,36 @@ def fla_native_enabled() -> bool:
     return switch_on(ENV, True)
 
 
-def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-    """fla's ``causal_conv1d`` as megatron calls it, plus the host copy of ``cu_seqlens`` when known."""
+CHUNK = 64  # the chunk size of fla 0.6's causal conv and chunked delta rule (their defaults, as megatron calls them)
+
+
+def _conv_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None, **kwargs):
+    """fla's ``causal_conv1d`` as megatron calls it, plus the host copy of ``cu_seqlens`` and the chunk
+    table built from it when known (no device sync; ``qnext.megatron.data.chunk_indices``)."""
     if cu_seqlens_cpu is None:
         cu_seqlens_cpu = host_copy(cu_seqlens)
-    return _FLA_CONV(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+    return _FLA_CONV(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                     chunk_indices=_table(chunk_indices, cu_seqlens, kwargs), **kwargs)
 
 
 _FLA_CONV = _gdn.causal_conv1d
 
 
-def _rule_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, **kwargs):
-    """fla's ``chunk_gated_delta_rule`` exactly as megatron calls it, plus the host copy of ``cu_seqlens``."""
+def _table(given, cu_seqlens, kwargs: dict):
+    """The caller's ``chunk_indices`` if given, else the cached table of ``cu_seqlens`` when fla will use
+    chunks of :data:`CHUNK` (None without a host copy: fla then builds its own)."""
+    if given is not None or cu_seqlens is None or kwargs.get("chunk_size", CHUNK) != CHUNK:
+        return given
+    return chunk_indices(cu_seqlens, CHUNK)
+
+
+def _rule_with_host_lengths(*args, cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None, **kwargs):
+    """fla's ``chunk_gated_delta_rule`` exactly as megatron calls it, plus the host copy of ``cu_seqlens``
+    and its chunk table."""
     if cu_seqlens_cpu is None:
         cu_seqlens_cpu = host_copy(cu_seqlens)
-    return _common.chunk_gated_delta_rule(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu, **kwargs)
+    return _common.chunk_gated_delta_rule(*args, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                                          chunk_indices=_table(chunk_indices, cu_seqlens, kwargs), **kwargs)
 
 
 def _install_conv() -> None:
@@ -75,11 +93,12 @@ class QnextGatedDeltaNet(GatedDeltaNet):
             _install_conv()
 
     def _fla_rule(self, query, key, value, *, g, beta, initial_state=None, output_final_state=False,
-                  use_qk_l2norm_in_kernel=False, cu_seqlens=None, **kwargs):
+                  use_qk_l2norm_in_kernel=False, cu_seqlens=None, chunk_indices=None, **kwargs):
         return _common.chunk_gated_delta_rule(
             query, key, value, g=g, beta=beta, initial_state=initial_state, output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=self.use_qk_l2norm or use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
-            cu_seqlens_cpu=host_copy(cu_seqlens), **kwargs)
+            cu_seqlens_cpu=host_copy(cu_seqlens), chunk_indices=_table(chunk_indices, cu_seqlens, kwargs),
+            **kwargs)
 
     def _prepare_input_for_gated_delta_rule(self, qkv, gate, batch, seq_len, *gate_feats):
         if not self.fla_native:

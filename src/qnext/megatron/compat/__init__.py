@@ -12,6 +12,8 @@ of that version.
   shared or lost, lazily created states) and ``load_with_adam_state``, the load the entry uses.
 - ``initialize``: megatron.training's initialisation without its dataset-helper build step.
 - ``cpu``: building and running megatron modules without a GPU (tests, manifests, the layout check).
+- ``step_reductions``: train_step's post-optimizer agreement across the model-parallel group without a
+  device round trip when the group is one rank (three host-device syncs per step fewer).
 - ``grad_accum``: gradient accumulation fusion without Apex (a torch stand-in for its extension), installed
   by the model provider when ``QNEXT_GRAD_ACCUM_FUSION=1``.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from ._patching import PINNED_MEGATRON_CORE, check_megatron_core_version, install  # noqa: F401
 from .router_token_count import install_router_token_count_fix
+from .step_reductions import install_step_reductions_fix
 from .thd_rope import install_thd_rope_vectorized
 
 
@@ -27,3 +30,4 @@ def install_all() -> None:
     check_megatron_core_version()
     install_router_token_count_fix()
     install_thd_rope_vectorized()
+    install_step_reductions_fix()
