@@ -80,18 +80,18 @@ def test_native_fused_cross_entropy_equals_megatrons_unfused_one(monkeypatch):
     from qnext.megatron.parallel import initialize_parallel
 
     initialize_parallel()
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
-    gen = torch.Generator().manual_seed(0)
-    logits = (torch.randn(6, 2, 50, generator=gen) * 3).bfloat16()
-    labels = torch.randint(0, 50, (6, 2), generator=gen)
-    weight = torch.linspace(0.5, 1.5, 12).view(6, 2)
-    out = {}
-    for name, fn in (("unfused", lambda x: vocab_parallel_cross_entropy(x, labels)),
-                     ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, ps.get_tensor_model_parallel_group()))):
-        x = logits.clone().requires_grad_(True)
-        loss = fn(x)
-        (loss * weight).sum().backward()
-        out[name] = (loss.detach(), x.grad)
+    with torch._dynamo.config.patch(disable=True):  # (monkeypatch.setattr leaves dynamo's config broken)
+        gen = torch.Generator().manual_seed(0)
+        logits = (torch.randn(6, 2, 50, generator=gen) * 3).bfloat16()
+        labels = torch.randint(0, 50, (6, 2), generator=gen)
+        weight = torch.linspace(0.5, 1.5, 12).view(6, 2)
+        out = {}
+        for name, fn in (("unfused", lambda x: vocab_parallel_cross_entropy(x, labels)),
+                         ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, ps.get_tensor_model_parallel_group()))):
+            x = logits.clone().requires_grad_(True)
+            loss = fn(x)
+            (loss * weight).sum().backward()
+            out[name] = (loss.detach(), x.grad)
     assert out["fused"][1].dtype == out["unfused"][1].dtype == torch.bfloat16
     assert torch.allclose(out["fused"][0], out["unfused"][0], rtol=1e-6, atol=1e-6)
     print("fused vs unfused CE, logit-gradient max abs diff:", float((out["fused"][1].float() - out["unfused"][1].float()).abs().max()))

@@ -172,9 +172,13 @@ def megatron_argv(
         argv.append("--bf16")
     argv += ["--seed", str(t.seed)]
     # loss: summed over labelled tokens, divided by their count over the whole global batch. The
-    # training loop stops on a non-finite loss itself (megatron still checks gradients for NaN),
+    # training loop stops on a non-finite loss itself and non-finite gradients stop the optimizer (below),
     # so megatron's result-validation reruns are off.
     argv += ["--calculate-per-token-loss", "--rerun-mode", "disabled"]
+    if t.grad_clip > 0:
+        # the clipping norm is read on the host each step, and qnext.megatron.compat.grad_norm makes a NaN/Inf
+        # norm fatal before the update: DDP's own check (two device reads per gradient bucket) adds nothing
+        argv.append("--no-check-for-nan-in-loss-and-grad")
     # checkpoints: torch_dist; the converted release checkpoint lacks Transformer Engine's
     # _extra_state and any LoRA tensors, so a fresh start logs those instead of failing (qnext
     # checks every base weight itself before training); a resume must find every key.

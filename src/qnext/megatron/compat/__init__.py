@@ -14,12 +14,15 @@ of that version.
 - ``cpu``: building and running megatron modules without a GPU (tests, manifests, the layout check).
 - ``step_reductions``: train_step's post-optimizer agreement across the model-parallel group without a
   device round trip when the group is one rank (three host-device syncs per step fewer).
+- ``grad_norm``: the TE-free gradient norm without a device read per gradient, and a non-finite norm fatal
+  before the update (which lets the entry drop DDP's per-bucket NaN/Inf reads when clipping).
 - ``grad_accum``: gradient accumulation fusion without Apex (a torch stand-in for its extension), installed
   by the model provider when ``QNEXT_GRAD_ACCUM_FUSION=1``.
 """
 from __future__ import annotations
 
 from ._patching import PINNED_MEGATRON_CORE, check_megatron_core_version, install  # noqa: F401
+from .grad_norm import install_grad_norm_fix
 from .router_token_count import install_router_token_count_fix
 from .step_reductions import install_step_reductions_fix
 from .thd_rope import install_thd_rope_vectorized
@@ -31,3 +34,4 @@ def install_all() -> None:
     install_router_token_count_fix()
     install_thd_rope_vectorized()
     install_step_reductions_fix()
+    install_grad_norm_fix()
