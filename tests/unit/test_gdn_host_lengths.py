@@ -23,7 +23,7 @@ def test_packed_seq_params_carry_the_host_copy():
     assert psp.cu_seqlens_q is psp.cu_seqlens_kv  # one object: megatron's equality checks need no device read
 
 
-def test_chunk_table_is_flas(monkeypatch):
+def test_chunk_table_is_flas():
     """The table built on the host equals fla's own ``prepare_chunk_indices`` (random packed rows, both chunk
     sizes fla uses, sequences shorter than, equal to and longer than a chunk) and is built once per row."""
     fla_index = pytest.importorskip("fla.ops.utils.index")

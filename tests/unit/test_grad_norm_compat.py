@@ -55,7 +55,7 @@ def test_a_non_finite_norm_stops_the_step(monkeypatch, bad):
         optimizer.get_grad_norm_fp32([])
 
 
-def test_ddp_nan_check_is_dropped_only_when_clipping(tmp_path):
+def test_ddp_nan_check_is_dropped_only_when_clipping(tmp_path, monkeypatch):
     from qnext.config import load_config, validate_config
     from qnext.megatron.args import megatron_argv, parse_megatron_args
     from qnext.megatron.checkpoint import CheckpointPlan
@@ -69,3 +69,5 @@ def test_ddp_nan_check_is_dropped_only_when_clipping(tmp_path):
 
     assert ddp_checks() is False  # grad_clip 1.0: the clipping norm carries the check
     assert ddp_checks("train.grad_clip=0") is True  # no norm is taken: megatron's DDP check stays
+    monkeypatch.setenv("QNEXT_MEGATRON_FIXES", "0")
+    assert ddp_checks() is True  # the norm check is not installed: megatron's DDP check stays

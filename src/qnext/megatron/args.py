@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ..config.schema import RecipeConfig
 from ..errors import UserError
 from ..models.megatron_args import model_args
+from .compat._patching import fixes_enabled
 from .checkpoint import CheckpointPlan, checkpoint_plan
 
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -175,9 +176,10 @@ def megatron_argv(
     # training loop stops on a non-finite loss itself and non-finite gradients stop the optimizer (below),
     # so megatron's result-validation reruns are off.
     argv += ["--calculate-per-token-loss", "--rerun-mode", "disabled"]
-    if t.grad_clip > 0:
+    if t.grad_clip > 0 and fixes_enabled():
         # the clipping norm is read on the host each step, and qnext.megatron.compat.grad_norm makes a NaN/Inf
         # norm fatal before the update: DDP's own check (two device reads per gradient bucket) adds nothing
+        # (with QNEXT_MEGATRON_FIXES=0 that check is not installed, so DDP's stays)
         argv.append("--no-check-for-nan-in-loss-and-grad")
     # checkpoints: torch_dist; the converted release checkpoint lacks Transformer Engine's
     # _extra_state and any LoRA tensors, so a fresh start logs those instead of failing (qnext

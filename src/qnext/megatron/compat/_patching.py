@@ -34,11 +34,16 @@ def check_megatron_core_version(installed: str | None = None) -> str | None:
     return text
 
 
+def fixes_enabled() -> bool:
+    """False under ``QNEXT_MEGATRON_FIXES=0`` (megatron as it is; nothing here is installed)."""
+    return os.environ.get("QNEXT_MEGATRON_FIXES", "1") != "0"
+
+
 def install(module_name: str, attr: str, wrap) -> bool:
     """Replace ``module_name.attr`` by ``wrap(original)`` once (the wrapper is marked ``qnext_fixed``);
     True when the replacement is (now) in place. ``QNEXT_MEGATRON_FIXES=0`` leaves megatron as it is (to
     measure what a fix changes), and a megatron without the function is left alone too."""
-    if os.environ.get("QNEXT_MEGATRON_FIXES", "1") == "0":
+    if not fixes_enabled():
         return False
     try:
         module = importlib.import_module(module_name)
