@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from ...errors import UserError
 from ._patching import install
 
 
@@ -48,8 +49,8 @@ def _l2_norm(original):
     return fixed
 
 
-class NonFiniteGradients(RuntimeError):
-    pass
+class NonFiniteGradients(UserError, RuntimeError):
+    """The step's gradients hold NaN or Inf (the entry prints one message and exits 2, as for a bad input)."""
 
 
 def _finite_norm(original):
@@ -59,8 +60,8 @@ def _finite_norm(original):
         if isinstance(norm, float) and not math.isfinite(norm):
             raise NonFiniteGradients(
                 f"the gradient norm of this step is {norm}: the gradients hold NaN or Inf, and the optimizer "
-                "did not apply them. Lower train.lr, check the data for empty or broken samples, or resume from "
-                "the last checkpoint")
+                "did not apply them", hint="lower train.lr, check the data for empty or broken samples, or "
+                "resume from the last checkpoint")
         return norm
 
     return fixed
