@@ -1,6 +1,7 @@
 # Source this on a fresh GPU machine, from the repository root: `source benchmarks/device_prep.sh`.
 # 1. installs the wheels in .whl/ (made by ../shared/device/wheels.sh or pip download) into .site/;
-# 2. points Triton's cache at .gpucache/triton (compiled kernels and autotuning results; carry the folder
+# 2. points Triton's cache at .gpucache/triton (compiled kernels and autotuning results) and torch.compile's at
+#    .gpucache/inductor (compiled graphs: megatron's jit_fuser, our fused ops); carry the folder
 #    to a fresh machine of the same GPU and software and the first step skips most of its compiling);
 # 3. applies the fla patches. The GDN parity check that enables the guarded Hopper kernel (~5 min cold)
 #    runs unless .gpucache/fla_parity.json holds a passing record for this GPU name, compute capability,
@@ -19,6 +20,7 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || return 1
 mkdir -p .gpucache/triton
 export PYTHONPATH=$PWD/.site:$PWD/src TRITON_CACHE_DIR=$PWD/.gpucache/triton TRITON_CACHE_AUTOTUNING=1 \
+  TORCHINDUCTOR_CACHE_DIR=$PWD/.gpucache/inductor \
   QNEXT_FLA_PARITY_STAMP=$PWD/.gpucache/fla_parity.json PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 if [ -s .gpucache/fla_parity.json ]; then
   python3 -m qnext.patches apply --no-verify | tail -2

@@ -1,6 +1,6 @@
 """LoRA steps of a Qwen3-Next model at its real size on one GPU, with SYNTHETIC weights: the base weights
-are random, the routed experts created directly in their storage format (FP8 one layer at a time, so
-the bf16 experts never exist in full), because the 80B model's weights cannot be downloaded here and
+are random, the routed experts created directly in their storage format (FP8 or NF4 one layer at a time,
+so the bf16 experts never exist in full), because the 80B model's weights cannot be downloaded here and
 would not fit the GPU machines' disk. The data are the real sample chats, packed.
 
 What it measures: the per-GPU compute and memory of LoRA on the real architecture (48 layers, 512
@@ -9,6 +9,7 @@ falls. What it leaves out: the training entry's checkpoint load, data-parallel/E
 megatron's optimizer wrapper (a torch AdamW steps the adapters) and the real weights' numerics.
 
     python benchmarks/lora_synthetic.py --base-dtype fp8 --steps 30 --out benchmarks/results/lora_80b_fp8_h200
+    python benchmarks/lora_synthetic.py --base-dtype nf4 --steps 30 --out benchmarks/results/lora_80b_nf4_h200
     python benchmarks/lora_synthetic.py --model models/tiny_qwen3_next/config.json --device cpu --steps 3 --seq 256
 
 Writes ``<out>/lora_synthetic.json`` (one run record: ``layers``, ``experts``, ``gpus``, ``base_dtype``,
@@ -48,7 +49,7 @@ def init_synthetic_(model, std: float, seed: int) -> None:
 
 @torch.no_grad()
 def fill_synthetic_experts(model, std: float, seed: int) -> int:
-    """Random routed experts in their storage format, one layer at a time (FP8: quantized from a bf16
+    """Random routed experts in their storage format, one layer at a time (FP8/NF4: quantized from a bf16
     layer that exists only meanwhile; bf16: drawn in place). Returns the number of expert modules."""
     from qnext.megatron.experts import GroupedGemmExperts
 
@@ -58,7 +59,7 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
         if not isinstance(m, GroupedGemmExperts):
             continue
         for sub in (m.linear_fc1, m.linear_fc2):
-            dev = (sub.q if sub.quantized else sub.weight).device
+            dev = sub._device if sub.quantized else sub.weight.device
             if gen is None:
                 gen = torch.Generator(device=dev).manual_seed(seed)
             w = torch.randn(tuple(sub.shape), generator=gen, device=dev, dtype=torch.bfloat16).mul_(std)
@@ -76,7 +77,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/qwen3_next_80b_a3b/config.json", help="HF config.json")
     ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the config's)")
-    ap.add_argument("--base-dtype", default="fp8", choices=["bf16", "fp8"], help="storage of the routed experts")
+    ap.add_argument("--base-dtype", default="fp8", choices=["bf16", "fp8", "nf4"],
+                    help="storage of the routed experts (nf4 needs torchao)")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per packed row (one row per step)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3, help="leading steps left out of the means")

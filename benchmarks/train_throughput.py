@@ -150,7 +150,10 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
             "peak_mem_first_steps_gib": max((r.get("peak_mem_gib", 0.0) for r in recs if r not in steps), default=None),
             "peak_reserved_gib": max((r.get("peak_reserved_gib") or 0.0) for r in steps), "losses": [r.get("loss") for r in steps],
             # before step 1: model build and checkpoint load (the Megatron entry records it)
-            "startup_peak_gib": next((r["startup_peak_gib"] for r in recs if "startup_peak_gib" in r), None)}
+            "startup_peak_gib": next((r["startup_peak_gib"] for r in recs if "startup_peak_gib" in r), None),
+            # the whole training-loss curve (every step, warm-up included) and the last held-out loss
+            "loss_curve": [r["loss"] for r in recs if "loss" in r and "step_time_s" in r and not r.get("profiled")],
+            "eval_loss": next((r["eval_loss"] for r in reversed(recs) if "eval_loss" in r), None)}
 
 
 def _run(cmd: list[str], env: dict, out: Path, timeout: int) -> tuple[list[dict], dict]:
@@ -352,7 +355,7 @@ def main() -> int:
                     help="parallel.recompute of the Megatron LoRA run (auto: the planner's choice for this GPU)")
     ap.add_argument("--recompute-full", default="auto", choices=["auto", "none", "selective", "full"],
                     help="parallel.recompute of the Megatron full run (auto: the planner's choice for this GPU)")
-    ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8"],
+    ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8", "nf4"],
                     help="storage of the frozen routed experts in the Megatron LoRA run (train.lora.base_dtype)")
     ap.add_argument("--sync-check", action="store_true",
                     help="one extra step per Megatron run under QNEXT_SYNC_CHECK: its host-device syncs go into the JSON")
@@ -440,7 +443,7 @@ def main() -> int:
                 rc = args.recompute_lora if mode == "lora" else args.recompute_full
                 row["layout"] = (f"1 GPU, recompute {rc}" if ngpu == 1 else f"EP{ngpu}") + (
                     ", optimizer CPU offload" if mode == "full" and args.full_offload else "") + (
-                    ", FP8 experts" if row["base_dtype"] == "fp8" else "")
+                    f", {row['base_dtype'].upper()} experts" if row["base_dtype"] != "bf16" else "")
                 row.update(planned_gib(ovs, ngpu))
             else:
                 row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
@@ -448,7 +451,8 @@ def main() -> int:
         row.update(info)
         if Path(info.get("log", "")).is_file():  # the results directory keeps every run's log
             (args.out / "logs").mkdir(exist_ok=True)
-            row["log"] = f"logs/{approach}_{mode}.log"
+            tag = "" if row["base_dtype"] == "bf16" else f"_{row['base_dtype']}"
+            row["log"] = f"logs/{approach}_{mode}{tag}.log"
             atomic_write_text(args.out / row["log"], Path(info["log"]).read_text(errors="replace"))
         prof = out / f"profile_step{profile_step(args)}_rank0.txt"
         if args.profile and prof.is_file():
@@ -467,7 +471,8 @@ def main() -> int:
         row["matmul_peak_tflops"] = peak["tflops"]
         if approach == "megatron" and args.experts < 512 and "step_time_s" in row:
             row.update(ep_emulation(args, mode))
-        print(f"[bench] {approach} {mode}: " + json.dumps({k: v for k, v in row.items() if k not in ('log_tail', 'losses')}),
+        print(f"[bench] {approach} {mode}: " + json.dumps({k: v for k, v in row.items()
+                                                            if k not in ('log_tail', 'losses', 'loss_curve')}),
               flush=True)
         key = (approach, mode, row["base_dtype"])  # a run replaces an earlier one of the same approach, mode, base
         data["runs"] = [r for r in data["runs"] if (r["approach"], r["mode"], r.get("base_dtype", "bf16")) != key] + [row]

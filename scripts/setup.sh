@@ -27,7 +27,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip uv
 echo "[setup] installing pinned dependencies into $venv"
-"$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q --compile-bytecode -e ".[test]"
+"$venv/bin/python" -m uv pip install --python "$venv/bin/python" -q --compile-bytecode -e ".[test,quant]"
 echo "[setup] applying the patches whose rule matches this machine (patches/rules.toml)"
 "$venv/bin/python" -m qnext.patches apply
 echo "[setup] done: activate with 'source $venv/bin/activate'"

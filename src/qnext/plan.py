@@ -43,6 +43,13 @@ from .errors import UserError
 
 GIB = 2**30
 BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
+NF4_SCRATCH = 1.0 * GIB  # torchao's NF4 dequantization of one chunk of experts (int64 codes; qnext.quant.nf4)
+
+
+def nf4_bytes_per_value(in_features: int) -> float:
+    from .quant.nf4 import bytes_per_value
+
+    return bytes_per_value(in_features)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -235,13 +242,17 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     lora = t.mode == "lora"
     lora_layer = _memo(("lora", hf, asdict(t.lora)), lambda: lora_params_per_layer(hf, cfg)) if lora else [0] * layers
 
-    # frozen routed experts in FP8 (train.lora.base_dtype=fp8): 1 B per value plus an fp32 scale per row
-    # (fc1 rows hold hidden values, fc2 rows moe_intermediate values); the forward and backward dequantize one
-    # layer's experts at a time (bf16, fc1 and fc2), and the start-up load holds one layer's bf16 experts twice
-    fp8 = lora and t.lora.base_dtype == "fp8"
+    # frozen routed experts quantized (train.lora.base_dtype): FP8 is 1 B per value plus an fp32 scale per row
+    # (fc1 rows hold hidden values, fc2 rows moe_intermediate values); NF4 is 4 bits plus an int8 scale per 64
+    # values and an fp32 factor per 256 scales. The forward and backward dequantize one layer's experts at a
+    # time (bf16, fc1 and fc2); NF4's dequantization (torchao) also needs ~1 GiB of scratch per chunk
+    base = t.lora.base_dtype if lora else "bf16"
+    quantized = base != "bf16"
     h_, f_ = int(hf["hidden_size"]), int(hf.get("moe_intermediate_size") or 1)
-    expert_bytes = (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3 if fp8 else 2.0
-    one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if fp8 and pc.experts else 0.0
+    expert_bytes = {"fp8": (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3, "nf4": nf4_bytes_per_value(h_)}.get(base, 2.0)
+    one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if quantized and pc.experts else 0.0
+    scratch = NF4_SCRATCH if base == "nf4" else 0.0
+    largest = max(pc.embedding, pc.head) / tp  # the biggest single tensor a load may stage
     best = None
     for stage in range(pp):
         idx = range(stage * per_stage, (stage + 1) * per_stage)
@@ -252,7 +263,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
         inflight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp))) if pp > 1 else 1
         tokens = t.micro_batch_size * d.seq_length / (cp * (tp if p.sequence_parallel else 1))
         act = sum(activation_bytes_per_token(hf, types[i], p.recompute) for i in idx) * tokens * inflight
-        act += one_layer_bf16  # the dequantized weights of the layer being computed
+        act += one_layer_bf16 + scratch  # the dequantized weights of the layer being computed
         if stage == pp - 1:
             # the bf16 logits and megatron's fp32 copy (vocab-parallel cross entropy), alive together
             act += t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * (2 + 4)
@@ -271,14 +282,14 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
             step_temp = 0.0 if fused_adam else 4 * n_lora / dp
         else:
             step_temp = 0.0 if fused_adam or t.optimizer_cpu_offload else 4 * local_opt
-        # checkpoint load: megatron's torch_dist load brought the weights in a second copy before they went
-        # into the model (measured: the LoRA 4-layer proxy on one H200 peaked at 26.6 GiB at start-up, its
-        # bf16 weights are 13.4 GiB); DDP's gradient buffer and the fp32 main weights already exist then.
-        # The expert pieces now load into the model's own tensors (experts._make_merge_fn, CPU-tested), which
-        # should remove most of that copy; this term stays until a GPU run's startup_peak_gib measures it
-        load = 2 * weights + grads + (4 * local_opt if not lora and not t.optimizer_cpu_offload else 0.0) + lora_b
-        if fp8:  # megatron's load copies the rest twice; quant_load brings one layer's bf16 experts
-            load = 2 * 2 * dense + expert_bytes * expert + 2 * one_layer_bf16 + lora_b
+        # checkpoint load: torch_dist loads every tensor into the model's own (experts: _make_merge_fn), so the
+        # start-up peak is the weights, the DDP gradient buffer and, for full training, the fp32 main weights,
+        # plus one staged tensor at most (measured on one H200, the LoRA 4-layer proxy: 13.6 GiB at start-up
+        # against 13.4 GiB of bf16 weights; the former second copy planned 26.9 GiB). Quantized experts come
+        # one layer at a time in bf16 (quant_load) and are quantized from there.
+        load = weights + grads + (4 * local_opt if not lora and not t.optimizer_cpu_offload else 0.0) + lora_b + largest
+        if quantized:
+            load += 2 * one_layer_bf16 + scratch  # the layer's bf16 view and the quantizer's temporaries
         total = max(weights + grads + opt + lora_b + max(act, step_temp), load)
         if best is None or total > best[0]:
             best = (total, weights, grads, opt, lora_b, act, dense + expert, host_full, step_temp, load)
@@ -289,15 +300,15 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     if lora:
         step_flops += 3 * 2 * sum(lora_layer) * t.global_batch_size * d.seq_length
     layout = f"{world} GPUs: tp {tp} pp {pp} ep {ep} etp {etp} cp {cp} dp {dp}; {t.mode}; recompute {p.recompute}"
-    if fp8:
-        layout += "; fp8 experts"
+    if quantized:
+        layout += f"; {base} experts"
     notes = []
     if not lora and t.optimizer_cpu_offload:
         notes.append(f"optimizer states in host memory: {host_full / GIB:.1f} GiB per GPU's process (fp32 main weights, Adam moments, gradients)")
     pl = Plan(int(weights), int(grads), int(opt), int(lora_b), int(act), BUFFER_BYTES, pc.total, int(n_gpu),
               step_flops, layout, notes, int(step_temp), int(load))
     if pl.load + pl.buffers > pl.step_peak:
-        notes.append("the start-up peak (the checkpoint load's second copy of the weights) exceeds a step's")
+        notes.append("the start-up peak (weights, buffers and one staged tensor while the checkpoint loads) exceeds a step's")
     return pl
 
 

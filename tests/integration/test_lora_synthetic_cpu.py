@@ -1,5 +1,5 @@
-"""benchmarks/lora_synthetic.py (LoRA steps with synthetic base weights, FP8 experts made one layer at a
-time) on the tiny config, on CPU: it trains (finite losses, adapters change the loss), and its run record
+"""benchmarks/lora_synthetic.py (LoRA steps with synthetic base weights, FP8 or NF4 experts made one
+layer at a time) on the tiny config, on CPU: it trains (finite losses, adapters change the loss), and its run record
 carries the fields the one-GPU 80B record needs."""
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
 
 
-def test_synthetic_lora_run_record(tmp_path):
+@pytest.mark.parametrize("base", ["fp8", pytest.param("nf4", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torchao") is None, reason="nf4 needs torchao (pip install -e '.[quant]')"))])
+def test_synthetic_lora_run_record(tmp_path, base):
     out = tmp_path / "synth"
     cmd = [sys.executable, str(REPO / "benchmarks/lora_synthetic.py"), "--model", str(REPO / "models/tiny_qwen3_next/config.json"),
-           "--device", "cpu", "--steps", "3", "--warmup", "1", "--seq", "128", "--base-dtype", "fp8", "--lr", "5e-2",
+           "--device", "cpu", "--steps", "3", "--warmup", "1", "--seq", "128", "--base-dtype", base, "--lr", "5e-2",
            "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
@@ -28,7 +30,7 @@ def test_synthetic_lora_run_record(tmp_path):
     for key in ("layers", "experts", "gpus", "base_dtype", "synthetic_weights", "tokens_per_s_per_gpu", "peak_mem_gib",
                 "planned_peak_gib", "losses"):
         assert key in rec, key
-    assert rec["synthetic_weights"] is True and rec["base_dtype"] == "fp8" and rec["layers"] == 4 and rec["gpus"] == 1
+    assert rec["synthetic_weights"] is True and rec["base_dtype"] == base and rec["layers"] == 4 and rec["gpus"] == 1
     assert len(rec["losses"]) == 3 and all(0 < x < 50 for x in rec["losses"])
     assert rec["tokens_per_s_per_gpu"] > 0 and rec["planned_peak_gib"] > 0
-    assert "fp8" in proc.stdout and "step 3/3" in proc.stdout
+    assert f"({base})" in proc.stdout and "step 3/3" in proc.stdout

@@ -34,8 +34,9 @@ class LoraConfig:
     # Also adapt routed experts / the shared expert (gate_proj, up_proj, down_proj).
     experts: bool = False
     shared_expert: bool = False
-    # Storage of the frozen routed experts (Megatron backend): bf16, or fp8 (e4m3, one scale per row;
-    # half the bytes; loaded and quantized one layer at a time: qnext.megatron.quant_load)
+    # Storage of the frozen routed experts (Megatron backend): bf16, fp8 (e4m3, one scale per row; half the
+    # bytes) or nf4 (4-bit NormalFloat as in QLoRA, via torchao; about a quarter); loaded and quantized one
+    # layer at a time (qnext.megatron.quant_load)
     base_dtype: str = "bf16"
 
 

@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 CHOICES = {
     "train.mode": ("lora", "full"),
-    "train.lora.base_dtype": ("bf16", "fp8"),
+    "train.lora.base_dtype": ("bf16", "fp8", "nf4"),
     "parallel.backend": ("megatron", "fsdp"),
     "parallel.device": ("auto", "cuda", "cpu"),
     "parallel.dtype": ("bf16", "fp32"),
@@ -134,6 +134,12 @@ def validate_config(cfg: RecipeConfig, world_size: int | None = None, check_file
         if t.lora.experts:
             problems.append(f"train.lora.base_dtype={t.lora.base_dtype} needs train.lora.experts=false "
                             "(quantized experts are frozen)")
+        if t.lora.base_dtype == "nf4":
+            from ..quant.nf4 import available
+
+            if not available():
+                problems.append("train.lora.base_dtype=nf4 needs torchao (optional): pip install 'torchao==0.18.0' "
+                                "(or pip install -e '.[quant]'), or use base_dtype=fp8, which needs nothing extra")
 
     hf: dict[str, Any] = {}
     try:

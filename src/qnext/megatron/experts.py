@@ -63,27 +63,41 @@ def grouped_linear(
     return torch.cat(outs, dim=0)
 
 
+BASES = ("bf16", "fp8", "nf4")
+
+
 class ExpertWeight(nn.Module):
-    """Holds one stacked 3-D expert weight [E_local, out, in] under the name ``weight``."""
+    """Holds one stacked 3-D expert weight [E_local, out, in]: a bf16 parameter ``weight``, or frozen
+    quantized storage (``base``): FP8 buffers ``q`` and ``scale`` (``qnext.quant.fp8``) or an NF4 stack
+    (``qnext.quant.nf4``, torchao), dequantized by :meth:`dequantized`."""
 
     def __init__(self, num_experts: int, out_features: int, in_features: int, *, dtype, device, base: str = "bf16"):
         super().__init__()
+        if base not in BASES:
+            raise ValueError(f"expert base {base!r}: expected one of {', '.join(BASES)}")
+        self.base = base
+        self._shape = torch.Size((num_experts, out_features, in_features))
+        self._device = torch.device(device if device is not None else "cpu")
+        self.nf4 = None  # qnext.quant.nf4.Nf4Stack once filled (base nf4)
         if base == "fp8":  # frozen FP8 storage from the start: the bf16 weight is never allocated
             from ..quant.fp8 import FP8
 
-            # not persistent: FP8 experts are never saved (the pretrained checkpoint holds them; quant_load fills them)
+            # not persistent: quantized experts are never saved (the pretrained checkpoint holds them; quant_load fills them)
             self.register_buffer("q", torch.empty(num_experts, out_features, in_features, dtype=FP8, device=device),
                                  persistent=False)
             self.register_buffer("scale", torch.ones(num_experts, out_features, 1, dtype=torch.float32, device=device),
                                  persistent=False)
-        elif base == "bf16":
-            self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
+        elif base == "nf4":  # filled by set_quantized_ (torchao's NF4 tensors are no module buffers)
+            from ..quant.nf4 import _torchao, check_shape
+
+            _torchao()  # missing torchao: one message at build time, not at the first step
+            check_shape(out_features, in_features)
         else:
-            raise ValueError(f"expert base {base!r}: expected bf16 or fp8")
+            self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
 
     @property
     def shape(self) -> torch.Size:
-        return (self.q if self.quantized else self.weight).shape
+        return self.weight.shape if not self.quantized else self._shape
 
     def get_extra_state(self) -> None:
         """Like megatron's local linears: an (empty) extra state, so checkpoints match SequentialMLP's."""
@@ -94,52 +108,91 @@ class ExpertWeight(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return "q" in self._buffers
+        return self.base != "bf16"
+
+    @property
+    def filled(self) -> bool:
+        return self.base == "fp8" or self.nf4 is not None
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The quantized weight in ``dtype`` (a new tensor)."""
+        if self.base == "fp8":
+            from ..quant.fp8 import dequantize_rows
+
+            return dequantize_rows(self.q, self.scale, dtype)
+        if self.nf4 is None:
+            raise RuntimeError("NF4 expert weights used before they were loaded (qnext.megatron.quant_load)")
+        return self.nf4.dequantize(dtype)
 
     @torch.no_grad()
-    def quantize_fp8_(self) -> None:
-        """Hold the (frozen) weight as FP8 e4m3 with per-row scales (``qnext.quant.fp8``); the bf16
-        parameter is released."""
-        from ..quant.fp8 import quantize_rows
-
+    def quantize_(self, base: str = "fp8") -> None:
+        """Hold the (frozen) weight quantized (``base`` fp8 or nf4); the bf16 parameter is released."""
         if self.quantized:
+            if base != self.base:
+                raise ValueError(f"expert weights are already {self.base}, not {base}")
             return
+        if base not in BASES[1:]:
+            raise ValueError(f"quantize to {base!r}: expected fp8 or nf4")
         if self.weight.requires_grad:
             raise ValueError("only frozen expert weights can be quantized (LoRA with train.lora.experts=false)")
-        q, scale = quantize_rows(self.weight.data)
+        w = self.weight.data
+        self._shape, self._device = w.shape, w.device
         del self.weight
-        self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scale", scale, persistent=False)
+        self.base = base
+        if base == "fp8":
+            from ..quant.fp8 import FP8
+
+            self.register_buffer("q", torch.empty(w.shape, dtype=FP8, device=w.device), persistent=False)
+            self.register_buffer("scale", torch.empty(*w.shape[:2], 1, dtype=torch.float32, device=w.device),
+                                 persistent=False)
+        self.set_quantized_(w)
+
+    def quantize_fp8_(self) -> None:
+        self.quantize_("fp8")
 
     def _apply(self, fn, recurse=True):
-        """Device moves apply to the FP8 storage, dtype casts do not: megatron's ``Float16Module`` calls
+        """Device moves apply to the quantized storage, dtype casts do not: megatron's ``Float16Module`` calls
         ``module.bfloat16()``, which would otherwise turn the e4m3 values (a floating-point dtype) and their
         scales into bf16, silently doubling the experts' memory."""
         if not self.quantized:
             return super()._apply(fn, recurse)
-        kept = {k: self._buffers.pop(k) for k in ("q", "scale")}
+        kept = {k: self._buffers.pop(k) for k in ("q", "scale") if k in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
+            target = fn(torch.empty(0, device=self._device)).device  # where fn sends a tensor; its dtype is ignored
             for k, t in kept.items():
-                target = fn(t.new_empty(0)).device  # where fn sends a tensor; its dtype is ignored
                 self._buffers[k] = t if t.device == target else t.to(device=target)
+            if self.nf4 is not None:
+                self.nf4 = self.nf4.to(target)
+            self._device = target
         return self
 
     @torch.no_grad()
     def set_quantized_(self, w: torch.Tensor) -> None:
-        """Quantize ``w`` (the bf16 weight, e.g. just loaded) into this module's FP8 storage."""
-        from ..quant.fp8 import quantize_rows
+        """Quantize ``w`` (the bf16 weight, e.g. just loaded) into this module's storage."""
+        if tuple(w.shape) != tuple(self._shape):
+            raise ValueError(f"expert weight of shape {tuple(w.shape)} for {self.base} storage of shape "
+                             f"{tuple(self._shape)}")
+        w = w.to(self._device)
+        if self.base == "fp8":
+            from ..quant.fp8 import quantize_rows
 
-        if tuple(w.shape) != tuple(self.q.shape):
-            raise ValueError(f"expert weight of shape {tuple(w.shape)} for FP8 storage of shape {tuple(self.q.shape)}")
-        q, scale = quantize_rows(w.to(self.q.device))
-        self.q.copy_(q)
-        self.scale.copy_(scale)
+            q, scale = quantize_rows(w)
+            self.q.copy_(q)
+            self.scale.copy_(scale)
+        elif self.base == "nf4":
+            from ..quant.nf4 import Nf4Stack
+
+            self.nf4 = None  # the old storage goes before the new one is made
+            self.nf4 = Nf4Stack.quantize(w)
+        else:
+            raise ValueError("bf16 expert weights are not quantized storage")
 
     def extra_repr(self) -> str:
         e, o, i = self.shape
-        return f"experts={e}, out_features={o}, in_features={i}" + (", fp8 e4m3" if self.quantized else "")
+        fmt = {"fp8": ", fp8 e4m3", "nf4": ", nf4"}.get(self.base, "")
+        return f"experts={e}, out_features={o}, in_features={i}{fmt}"
 
 
 class GroupedGemmExperts(MegatronModule):
@@ -167,7 +220,7 @@ class GroupedGemmExperts(MegatronModule):
         ffn_local = divide(config.moe_ffn_hidden_size, etp)
         fc1_out = 2 * ffn_local if self.glu else ffn_local
         device = None if config.use_cpu_initialization or not torch.cuda.is_available() else torch.cuda.current_device()
-        self.base = getattr(config, "qnext_expert_base", "bf16")  # fp8: frozen FP8 storage (LoRA, qnext.quant)
+        self.base = getattr(config, "qnext_expert_base", "bf16")  # fp8/nf4: frozen quantized storage (LoRA, qnext.quant)
         kw = dict(dtype=config.params_dtype, device=device, base=self.base)
         self.linear_fc1 = ExpertWeight(num_local_experts, fc1_out, config.hidden_size, **kw)
         self.linear_fc2 = ExpertWeight(num_local_experts, config.hidden_size, ffn_local, **kw)
@@ -227,8 +280,8 @@ class GroupedGemmExperts(MegatronModule):
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
         counts, offsets = None, None
-        fc1 = self.linear_fc1.q if self.linear_fc1.quantized else self.linear_fc1.weight
-        if grouped_mm_usable(x, fc1, x.dtype if self.linear_fc1.quantized else None):
+        fc1 = self.linear_fc1.weight if not self.linear_fc1.quantized else x.new_empty(0, *self.linear_fc1.shape[1:])
+        if grouped_mm_usable(x, fc1):
             # group ends from the counts where they are (the GPU, from qnext's sorted dispatcher): no host copy
             t = torch.as_tensor(tokens_per_expert, device=x.device)
             offsets = t.cumsum(0, dtype=torch.int32)
@@ -247,15 +300,19 @@ class GroupedGemmExperts(MegatronModule):
     @staticmethod
     def _project(m: "ExpertWeight", x: torch.Tensor, counts, offsets) -> torch.Tensor:
         if m.quantized:
-            from ..quant.fp8 import fp8_grouped_linear
+            from ..quant.grouped import quantized_grouped_linear
 
-            return fp8_grouped_linear(x, m.q, m.scale, grouped_linear, counts, offsets)
+            return quantized_grouped_linear(x, m.dequantized, grouped_linear, counts, offsets)
         return grouped_linear(x, m.weight, counts, offsets)
 
+    def quantize_(self, base: str = "fp8") -> None:
+        """Frozen expert weights quantized in place from bf16 (``ExpertWeight.quantize_``): fp8 or nf4."""
+        self.linear_fc1.quantize_(base)
+        self.linear_fc2.quantize_(base)
+        self.base = base
+
     def quantize_fp8_(self) -> None:
-        """FP8 e4m3 frozen expert weights (``ExpertWeight.quantize_fp8_``), quantized in place from bf16."""
-        self.linear_fc1.quantize_fp8_()
-        self.linear_fc2.quantize_fp8_()
+        self.quantize_("fp8")
 
     def backward_dw(self):
         """Weight grads are computed in the ordinary backward (no delayed wgrad)."""
@@ -264,7 +321,7 @@ class GroupedGemmExperts(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """Per-expert ShardedTensors identical to ``SequentialMLP.sharded_state_dict``'s.
 
-        FP8 experts are frozen copies of the pretrained checkpoint's: they are neither saved nor loaded
+        Quantized (FP8/NF4) experts are frozen copies of the pretrained checkpoint's: they are neither saved nor loaded
         with the model (an empty dict), and ``qnext.megatron.quant_load`` fills them one layer at a time,
         asking this method for the bf16 layout of one module with ``_load_view`` set to bf16 buffers."""
         quantized = self.linear_fc1.quantized or self.linear_fc2.quantized

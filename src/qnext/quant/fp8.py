@@ -10,10 +10,9 @@ in e4m3 with one fp32 scale per output row 77 GB, which fits one H200 next to th
 - Error bound (:func:`error_bound`): e4m3 keeps 3 mantissa bits, so a normal value is off by at most
   half a step, 2^-4 of itself; values below e4m3's smallest normal (2^-6 x scale) sit on its subnormal
   grid of spacing 2^-9 x scale, off by at most 2^-10 x scale.
-- :func:`fp8_grouped_linear`: rows grouped by expert times each expert's dequantized weight. Its
-  backward dequantizes again for the input gradient, so between forward and backward only the FP8
-  weights stay in memory (autograd would otherwise keep every layer's bf16 copy alive until its
-  backward); the frozen weights get no gradient.
+- :func:`fp8_grouped_linear`: rows grouped by expert times each expert's dequantized weight
+  (``qnext.quant.grouped``: backward dequantizes again, so only the FP8 weights stay in memory between
+  the passes); the frozen weights get no gradient.
 
 The reference is the bf16 computation with the dequantized weights (``tests/unit/test_quant_fp8.py``
 compares them exactly, and the quantized model's LoRA logits and gradients with the bf16 model's within
@@ -49,23 +48,11 @@ def error_bound(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.maximum(_NORMAL_REL * w.float().abs(), _SUBNORMAL_ABS * scale.expand_as(w))
 
 
-class _Fp8GroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, q, scale, grouped: Callable, counts: Optional[list[int]], offsets: Optional[torch.Tensor]):
-        ctx.save_for_backward(q, scale)
-        ctx.grouped, ctx.counts, ctx.offsets = grouped, counts, offsets
-        return grouped(x, dequantize_rows(q, scale, x.dtype), counts, offsets)
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, scale = ctx.saved_tensors
-        w_t = dequantize_rows(q, scale, grad.dtype).transpose(-2, -1).contiguous()  # [E, in, out]
-        return ctx.grouped(grad, w_t, ctx.counts, ctx.offsets), None, None, None, None, None
-
-
 def fp8_grouped_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, grouped: Callable,
                        counts: Optional[list[int]], offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``grouped(x, weight, counts, offsets)`` (rows of ``x`` grouped by expert times each expert's
     weight, ``qnext.megatron.experts.grouped_linear``) with the dequantized weight; input gradient only
     (the weights are frozen)."""
-    return _Fp8GroupedLinear.apply(x, q, scale, grouped, counts, offsets)
+    from .grouped import quantized_grouped_linear
+
+    return quantized_grouped_linear(x, lambda dtype: dequantize_rows(q, scale, dtype), grouped, counts, offsets)
