@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--data", type=Path, default=REPO / "data/sample/chats.jsonl")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra step under torch.profiler, left out of the means: <out>/profile_step<N>_rank0.txt")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -157,7 +160,11 @@ def main(argv=None) -> int:
     records = []
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(args.steps):
+    from qnext.metrics import PROFILE_ENV, StepProfile
+
+    if args.profile:
+        os.environ[PROFILE_ENV] = str(args.steps + 1)
+    for step in range(args.steps + (1 if args.profile else 0)):
         sample = train[step % len(train)]
         batch = megatron_batch([sample], pad, args.seq, pack=pack)
         batch["tokens"] = batch["tokens"] % int(hf["vocab_size"])
@@ -166,16 +173,20 @@ def main(argv=None) -> int:
         if not cpu:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with construction_device("cpu") if cpu else contextlib.nullcontext():
+        prof = StepProfile(step + 1, args.out)
+        with prof, construction_device("cpu") if cpu else contextlib.nullcontext():
             per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                               packed_seq_params=packed_seq_params(batch))
             mask = batch["loss_mask"]
             loss = (per_token.float() * mask).sum() / mask.sum().clamp_min(1)
             loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if not cpu:
             torch.cuda.synchronize()
+        if prof.active:
+            print(f"[synthetic] profiled step {step + 1} (left out of the means): {prof.path}", flush=True)
+            break
         dt = time.perf_counter() - t
         tokens = int(sum(batch["chat_lengths"]))
         flops = step_flops(hf, batch["chat_lengths"], lora=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qnext.quant.fp8 import FP8, dequantize_rows, error_bound, fp8_grouped_linear, quantize_rows
+from qnext.quant.fp8 import FP8, dequantize_rows, dequantize_rows_reference, error_bound, fp8_grouped_linear, quantize_rows
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "models/tiny_qwen3_next/config.json"
@@ -30,6 +30,16 @@ def test_quantize_dequantize_error_within_the_format_bound():
     assert bool((dequantize_rows(q, scale, torch.float32)[0, 0] == 0).all())
     # the bound is tight: some elements use most of it (else it would not test anything)
     assert float((err / error_bound(wb, scale)).max()) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_two_pass_dequantization_equals_the_plain_one(dtype):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 48, 32, generator=g) * torch.logspace(-8, 3, 48)[None, :, None]
+    w[0, :, :4] = 1e-9  # subnormal in e4m3 relative to their row
+    q, scale = quantize_rows(w)
+    fast, ref = dequantize_rows(q, scale, dtype), dequantize_rows_reference(q, scale, dtype)
+    assert fast.dtype == ref.dtype == dtype and torch.equal(fast, ref)
 
 
 def _grouped(x, w, counts, offsets=None):

@@ -40,6 +40,15 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``q * scale`` rounded once into ``dtype``: the values of :func:`dequantize_rows_reference`, in two
+    passes over the weights instead of three (e4m3 -> bf16 is exact: bf16 has e4m3's exponent range and more
+    mantissa bits; the product is formed in fp32 and written as ``dtype``): 7 bytes moved per value, not 19."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return torch.mul(q.to(torch.bfloat16), scale, out=out)
+
+
+def dequantize_rows_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The plain computation: fp32 values times fp32 scales, cast to ``dtype``."""
     return (q.float() * scale).to(dtype)
 
 

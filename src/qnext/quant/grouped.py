@@ -23,7 +23,9 @@ class _QuantizedGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w_t = ctx.dequantize(grad.dtype).transpose(-2, -1).contiguous()  # [E, in, out]
+        # [E, in, out] as a view: grouped_linear transposes it back, so the GEMM reads the dequantized
+        # weight row-major as it is (no transposed copy of the layer's experts)
+        w_t = ctx.dequantize(grad.dtype).transpose(-2, -1)
         return ctx.grouped(grad, w_t, ctx.counts, ctx.offsets), None, None, None, None
 
 
