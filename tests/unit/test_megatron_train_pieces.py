@@ -396,3 +396,43 @@ def test_host_loss_token_count_matches_the_loss_mask_of_packed_and_padded_rows()
         assert loss_token_count(s) == int(mask.sum()), s
     assert loss_token_count(packed_first_labelled) == 7  # 10 labels minus the three chat starts
     assert global_loss_tokens([packed, plain]) == loss_token_count(packed) + loss_token_count(plain) == 6 + 2
+
+
+def test_overwrite_keeps_megatrons_tensorboard_writer_alive(tmp_path):
+    """Repeating a run into its output_dir with overwrite=true: megatron's writers are opened after the
+    directory is cleared (qnext.megatron.writers, in the entry's order: args, globals, clear, writers), so
+    the event file the writer holds is the one left in the directory. Opened before the clear, the file was
+    deleted under the writer and its first flush ended the run (seen on an H200)."""
+    from megatron.training import global_vars
+
+    from qnext.megatron.args import TENSORBOARD_SUBDIR, parse_megatron_args
+    from qnext.megatron.prepare import prepare
+    from qnext.megatron.writers import defer_writers, open_writers
+    from qnext.rundir import RUN_MARKER, start_run_dir
+
+    conv = _converted_like(tmp_path / "c", REPO / "models/qwen3_next_80b_a3b/config.json")
+    run = tmp_path / "run"
+    (run / TENSORBOARD_SUBDIR).mkdir(parents=True)
+    (run / RUN_MARKER).write_text("{}")
+    (run / TENSORBOARD_SUBDIR / "events.out.tfevents.old").write_text("an earlier run")
+    prep = prepare(["recipe=qwen3_next_80b_lora", f"output_dir={run}", f"model.megatron_checkpoint={conv}",
+                    "overwrite=true", "logging.tensorboard=true"], world_size=8, use_te=False)
+    assert prep.clear_output
+    args = parse_megatron_args(prep.argv, world_size=8, rank=7)  # the last rank holds the writers
+    assert args.tensorboard_dir == str(run / TENSORBOARD_SUBDIR)
+    saved = defer_writers(args)
+    global_vars.set_global_variables(args, build_tokenizer=False)
+    try:
+        assert global_vars.get_tensorboard_writer() is None  # nothing open while the directory is cleared
+        start_run_dir(run, prep.clear_output, "megatron")
+        assert not (run / TENSORBOARD_SUBDIR).exists()
+        open_writers(args, saved)
+        writer = global_vars.get_tensorboard_writer()
+        assert writer is not None and args.tensorboard_dir == str(run / TENSORBOARD_SUBDIR)
+        writer.add_scalar("loss", 1.0, 1)
+        writer.flush()
+        events = list((run / TENSORBOARD_SUBDIR).glob("events.out.tfevents.*"))
+        assert len(events) == 1 and events[0].name != "events.out.tfevents.old" and events[0].stat().st_size > 0
+        writer.close()
+    finally:
+        global_vars.destroy_global_vars()

@@ -42,6 +42,20 @@ def test_two_pass_dequantization_equals_the_plain_one(dtype):
     assert fast.dtype == ref.dtype == dtype and torch.equal(fast, ref)
 
 
+def test_quantizing_a_chunk_of_rows_at_a_time_changes_nothing(monkeypatch):
+    """Rows are quantized independently: chunks of 7 rows (crossing expert boundaries) give the same bits as
+    one pass, and ``out=`` fills the given storage in place."""
+    from qnext.quant import fp8
+
+    w = torch.randn(6, 40, 64, generator=torch.Generator().manual_seed(4)) * torch.logspace(-3, 1, 40)[None, :, None]
+    q1, s1 = quantize_rows(w)
+    monkeypatch.setattr(fp8, "CHUNK_VALUES", 64 * 7)
+    out = (torch.empty(w.shape, dtype=FP8), torch.zeros(6, 40, 1))
+    q2, s2 = quantize_rows(w, out=out)
+    assert q2 is out[0] and s2 is out[1]
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+
+
 def _grouped(x, w, counts, offsets=None):
     from qnext.megatron.experts import grouped_linear
 

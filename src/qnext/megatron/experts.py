@@ -178,9 +178,7 @@ class ExpertWeight(nn.Module):
         if self.base == "fp8":
             from ..quant.fp8 import quantize_rows
 
-            q, scale = quantize_rows(w)
-            self.q.copy_(q)
-            self.scale.copy_(scale)
+            quantize_rows(w, out=(self.q, self.scale))  # in place, a chunk of rows at a time
         elif self.base == "nf4":
             from ..quant.nf4 import Nf4Stack
 

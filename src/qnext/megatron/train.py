@@ -49,6 +49,7 @@ from ..errors import UserError, cli_main
 from .checkpoint import checkpoint_bytes, disk_check, should_save
 from .compat.adam_resume import adam_state_report, load_with_adam_state, use_fused_adam
 from .compat.initialize import initialize_megatron_without_dataset_helpers
+from .writers import defer_writers, open_writers
 from .prepare import Prepared, prepare
 from .provider import model_provider
 
@@ -89,6 +90,7 @@ class MegatronRun:
         args = parse_megatron_args(self.prep.argv, world_size=self.prep.world_size, rank=rank)
         # no megatron tokenizer: qnext.data tokenizes; the model has exactly the HF vocabulary rows
         args.padded_vocab_size = int(self.prep.hf["vocab_size"])
+        self._writer_args = defer_writers(args)  # opened once output_dir is prepared (qnext.megatron.writers)
         set_global_variables(args, build_tokenizer=False)
         initialize_megatron_without_dataset_helpers(args)
         self.args = args
@@ -177,6 +179,8 @@ class MegatronRun:
                 Path(self.prep.ckpt.save).mkdir(parents=True, exist_ok=True)
                 copy_hf_meta(self.prep.ckpt.pretrained, self.prep.ckpt.save)  # `make export` finds hf/ there
         torch.distributed.barrier()
+        open_writers(self.args, self._writer_args)
+        self._writer_args = None
 
     def build_data(self) -> None:
         from megatron.core import parallel_state as ps
