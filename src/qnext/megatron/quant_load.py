@@ -9,7 +9,7 @@ and frees the bf16 copy. So the GPU never holds more than one layer's bf16 exper
 (512 x 3 x 2048 x 512 bf16 values), against 155 GB for all 48 layers.
 
 The result is bit-identical to loading the bf16 model and quantizing it afterwards
-(``tests/integration/test_fp8_expert_load.py``).
+(``tests/integration/test_quant_expert_load.py``).
 """
 from __future__ import annotations
 
