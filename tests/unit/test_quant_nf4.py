@@ -50,6 +50,20 @@ def test_quantize_dequantize_error_within_the_nf4_bound(dtype, monkeypatch):
     assert abs(nf4.half_gap() - (1.0 - 0.6962) / 2) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_pair_table_decoding_equals_torchaos(dtype, monkeypatch):
+    """The byte-pair table decoding (``Nf4Stack.dequantize``) against torchao's ``get_original_weight``
+    (``reference=True``): the same bits, one NF4 tensor or several chunks, into the stored dtype or another."""
+    w = _weights(5).to(dtype)
+    for chunk in (1 << 26, 40 * 64 * 2):
+        monkeypatch.setattr(nf4, "CHUNK_VALUES", chunk)
+        st = Nf4Stack.quantize(w)
+        for out_dtype in (dtype, torch.float32):
+            fast, ref = st.dequantize(out_dtype), st.dequantize(out_dtype, reference=True)
+            assert fast.dtype == ref.dtype == out_dtype and torch.equal(fast, ref)
+            assert float(ref.abs().sum()) > 0
+
+
 def _grouped(x, w, counts, offsets=None):
     from qnext.megatron.experts import grouped_linear
 
