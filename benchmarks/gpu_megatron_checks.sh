@@ -11,9 +11,10 @@
 #      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
 #   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline, with a profiled and a
 #      sync-checked step (~6 min)
-#   8. LoRA of the real Qwen3-Next-80B-A3B config on this one GPU, FP8 experts, synthetic weights, 30 steps
-#      (benchmarks/lora_synthetic.py; building the 80B model takes a few minutes)
-#   9. the 4-layer proxy's LoRA with FP8 experts (Megatron entry, real converted weights) next to HF
+#   8. LoRA of the real Qwen3-Next-80B-A3B config on this one GPU, FP8 then NF4 experts, synthetic weights,
+#      30 steps and a profiled one each (benchmarks/lora_synthetic.py; ~2 + 3 min with a warm cache)
+#   9. the 4-layer proxy's LoRA (Megatron entry, real converted weights), 30 steps each with bf16, FP8 and
+#      NF4 experts: loss curves and held-out losses side by side (~1 min each with a warm cache)
 # Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
 # record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
@@ -72,14 +73,18 @@ if want 7; then
     | tee "$out/throughput_fast.log" | grep "^\[bench\]"
 fi
 if want 8; then
-  step "80B LoRA, FP8 experts, synthetic weights (writes $out/lora_80b_fp8)"
-  timed "$py" benchmarks/lora_synthetic.py --base-dtype fp8 --steps 30 --warmup 3 --out "$out/lora_80b_fp8" 2>&1 \
-    | tee "$out/lora_80b_fp8.log" | grep "^\[synthetic\]" | tail -8
+  for base in fp8 nf4; do
+    step "80B LoRA, $base experts, synthetic weights (writes $out/lora_80b_$base)"
+    timed "$py" benchmarks/lora_synthetic.py --base-dtype $base --steps 30 --warmup 3 --profile \
+      --out "$out/lora_80b_$base" 2>&1 | tee "$out/lora_80b_$base.log" | grep "^\[synthetic\]" | tail -6
+  done
 fi
 if want 9; then
-  step "4-layer proxy LoRA with FP8 experts (writes $out/throughput_fp8)"
-  timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fp8" --only megatron:lora --base-dtype fp8 \
-    --steps 30 --warmup 3 --gbs 2 --timeout 500 2>&1 | tee "$out/throughput_fp8.log" | grep "^\[bench\]"
+  for base in bf16 fp8 nf4; do  # one results directory: the JSON keeps a row per base
+    step "4-layer proxy LoRA, $base experts (writes $out/throughput_quant)"
+    timed "$py" benchmarks/train_throughput.py --out "$out/throughput_quant" --only megatron:lora --base-dtype $base \
+      --steps 30 --warmup 3 --gbs 2 --timeout 300 2>&1 | tee "$out/throughput_$base.log" | grep "^\[bench\]"
+  done
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"

@@ -68,6 +68,17 @@ def render(data: dict, out_dir: Path) -> None:
                          f"{r['emulation_leaves_out']}. All-to-all estimate {1e3 * r['a2a_estimate_s']:.0f} ms per step "
                          f"({r['a2a_bytes_per_step'] / 1e9:.1f} GB sent at {r['a2a_assumed_gbps_one_way']:.0f} GB/s, a lower "
                          f"bound): {with_a2a:,.0f} tokens/s/GPU with it added unoverlapped.")
+    quant = [r for r in rows if r["approach"] == "megatron" and r["mode"] == "lora" and r.get("eval_loss") is not None]
+    base = next((r for r in quant if r.get("base_dtype", "bf16") == "bf16"), None)
+    if base and len(quant) > 1:  # quantized frozen experts against the bf16 base, same data and steps
+        lines += ["", "Frozen experts quantized (LoRA), against the bf16 base of the same run settings "
+                      "(target: held-out loss within 2%):", "",
+                  "| base | tokens/s/GPU | train loss, first -> last | held-out loss | vs bf16 |", "|---|---:|---|---:|---:|"]
+        for r in quant:
+            curve = r.get("loss_curve") or [float("nan")]
+            rel = r["eval_loss"] / base["eval_loss"] - 1
+            lines.append(f"| {r.get('base_dtype', 'bf16')} | {r.get('tokens_per_s_per_gpu', float('nan')):,.0f} | "
+                         f"{curve[0]:.3f} -> {curve[-1]:.3f} | {r['eval_loss']:.4f} | {100 * rel:+.2f}% |")
     fails = [r for r in rows if r.get("error")]
     if fails:
         lines += ["", "Failed runs (last lines of their logs are in the JSON):"]

@@ -78,6 +78,23 @@ def test_render_writes_the_table_with_ratios_and_targets(tmp_path):
     assert "| 12.0x |" in md and "22.0 (+10%)" in md
     assert "lora: Megatron / HF pipeline = 12.00x (met, target 2.0x)" in md and "(+10%, met)" in md and "allowance 25.0 GiB" in md
     assert "FSDP backend (this repo) lora: out of memory" in md
+    assert "held-out loss" not in md  # no quantized runs, no comparison
+
+
+def test_render_compares_quantized_bases_with_the_bf16_one(tmp_path):
+    """Runs of the Megatron LoRA with FP8/NF4 frozen experts next to the bf16 one: held-out losses as a
+    percentage of the bf16 run's, and each run's loss curve from first to last step."""
+    tt = _bench()
+    env = {"date": "2026-12-04", "gpu": "GPU", "gpus": 1, "model": "m", "command": "c", "matmul_peak_tflops": 500.0,
+           "matmul_shape": "s", "datasheet_peak_tflops": 1000.0, "seq": 4096, "gbs": 2, "steps": 30, "warmup": 3}
+    row = lambda base, ev, **kw: {"approach": "megatron", "mode": "lora", "layout": base, "step_time_s": 0.2,  # noqa: E731
+                                  "tokens_per_s_per_gpu": 40000.0, "tflops_per_gpu": 90.0, "mfu_measured_peak": 0.12,
+                                  "peak_mem_gib": 20.0, "base_dtype": base, "eval_loss": ev,
+                                  "loss_curve": [12.0, 10.0, 8.5], **kw}
+    tt.render({"environment": env, "runs": [row("bf16", 8.0), row("fp8", 8.08), row("nf4", 8.2)]}, tmp_path)
+    md = (tmp_path / "train_throughput.md").read_text()
+    assert "| fp8 | 40,000 | 12.000 -> 8.500 | 8.0800 | +1.00% |" in md
+    assert "| nf4 | 40,000 | 12.000 -> 8.500 | 8.2000 | +2.50% |" in md and "| bf16 |" in md
 
 
 def test_ep_emulation_row_says_what_it_leaves_out(tmp_path):
