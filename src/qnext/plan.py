@@ -181,7 +181,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     step_temp: int = 0  # optimizer-step temporaries (torch's foreach Adam); alive when activations are not
     # start-up: what is allocated when megatron loads the checkpoint (weights, gradient buffer, fp32 main
-    # weights; Adam's moments come with the first step) plus the load's second copy of the weights
+    # weights; Adam's moments come with the first step) plus one staged tensor (the load fills the model's own)
     load: int = 0
 
     @property
