@@ -4,16 +4,11 @@ dequantized weights exactly (forward and input gradient), and the experts module
 stays within the tolerance the bound implies of the bf16 one."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from qnext.quant.fp8 import FP8, dequantize_rows, dequantize_rows_reference, error_bound, fp8_grouped_linear, quantize_rows
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "models/tiny_qwen3_next/config.json"
+from quant_fixtures import assert_same_as_dequantized, grouped, run_experts, twin_experts, world  # noqa: F401
 
 
 def test_quantize_dequantize_error_within_the_format_bound():
@@ -56,66 +51,18 @@ def test_quantizing_a_chunk_of_rows_at_a_time_changes_nothing(monkeypatch):
     assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
 
 
-def _grouped(x, w, counts, offsets=None):
-    from qnext.megatron.experts import grouped_linear
-
-    return grouped_linear(x, w, counts, offsets)
-
-
 def test_fp8_grouped_linear_equals_the_dequantized_bf16_computation():
     g = torch.Generator().manual_seed(1)
-    counts = [3, 0, 5, 2]
-    x = torch.randn(10, 32, generator=g).to(torch.bfloat16)
     q, scale = quantize_rows(torch.randn(4, 24, 32, generator=g))
-    w = dequantize_rows(q, scale, torch.bfloat16)
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    y_fp8 = fp8_grouped_linear(xs[0], q, scale, _grouped, counts)
-    y_ref = _grouped(xs[1], w, counts)
-    assert torch.equal(y_fp8, y_ref)
-    grad = torch.randn(y_ref.shape, generator=g).to(torch.bfloat16)
-    y_fp8.backward(grad)
-    y_ref.backward(grad)
-    assert torch.equal(xs[0].grad, xs[1].grad)
-
-
-@pytest.fixture(scope="module")
-def world():
-    from qnext.megatron.parallel import initialize_parallel
-
-    initialize_parallel()
-    yield
+    assert_same_as_dequantized(lambda x, counts: fp8_grouped_linear(x, q, scale, grouped, counts),
+                               dequantize_rows(q, scale, torch.bfloat16), g)
 
 
 def test_fp8_experts_module_within_the_bound_of_bf16(world):
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from qnext.megatron.config import hf_to_transformer_config
-    from qnext.megatron.experts import GroupedGemmExperts
-    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES
-
-    cfg = json.loads(TINY.read_text()) | {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 6}
-    tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES).config
-    mods = [GroupedGemmExperts(6, tc, pg_collection=get_default_pg_collection()) for _ in range(2)]
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name in ("linear_fc1", "linear_fc2"):
-            w = torch.randn(getattr(mods[0], name).weight.shape, generator=g) * 0.1
-            for m in mods:
-                getattr(m, name).weight.copy_(w)
-    for m in mods:
-        m.requires_grad_(False)  # frozen base, as in LoRA
+    mods, _, g = twin_experts()
     mods[1].quantize_fp8_()
     assert mods[1].linear_fc1.quantized and not any(True for _ in mods[1].parameters())
-    counts = torch.tensor([4, 0, 7, 3, 1, 5])
-    x = torch.randn(int(counts.sum()), 64, generator=g)
-    probs = torch.rand(x.shape[0], generator=g)
-    outs, grads = [], []
-    for m in mods:
-        xi = x.clone().requires_grad_(True)
-        out, _ = m(xi, counts, probs)
-        out.backward(torch.ones_like(out))
-        outs.append(out.detach())
-        grads.append(xi.grad)
+    outs, grads = run_experts(mods, g)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     # each weight is off by at most 2^-4 of itself (normal range); rounding errors of independent weights
     # add in quadrature, so the outputs move by about 2^-4/sqrt(3) = 3.6% (relative L2): allow 2^-4

@@ -4,9 +4,6 @@ the dequantized weights exactly (forward and input gradient), and the experts mo
 moves its outputs by no more than its weights' own quantization error."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,9 +11,7 @@ pytest.importorskip("torchao")
 
 from qnext.quant import nf4  # noqa: E402
 from qnext.quant.nf4 import Nf4Stack, error_bound  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "models/tiny_qwen3_next/config.json"
+from quant_fixtures import assert_same_as_dequantized, grouped, run_experts, twin_experts, world  # noqa: E402,F401
 
 
 def _weights(seed: int = 0) -> torch.Tensor:
@@ -64,58 +59,17 @@ def test_pair_table_decoding_equals_torchaos(dtype, monkeypatch):
             assert float(ref.abs().sum()) > 0
 
 
-def _grouped(x, w, counts, offsets=None):
-    from qnext.megatron.experts import grouped_linear
-
-    return grouped_linear(x, w, counts, offsets)
-
-
 def test_nf4_grouped_linear_equals_the_dequantized_computation():
     from qnext.quant.grouped import quantized_grouped_linear
 
     g = torch.Generator().manual_seed(1)
-    counts = [3, 0, 5, 2]
-    x = torch.randn(10, 64, generator=g).to(torch.bfloat16)
     st = Nf4Stack.quantize(torch.randn(4, 32, 64, generator=g).to(torch.bfloat16))
-    w = st.dequantize(torch.bfloat16)
-    xs = [x.clone().requires_grad_(True) for _ in range(2)]
-    y_q = quantized_grouped_linear(xs[0], st.dequantize, _grouped, counts)
-    y_ref = _grouped(xs[1], w, counts)
-    assert torch.equal(y_q, y_ref)
-    grad = torch.randn(y_ref.shape, generator=g).to(torch.bfloat16)
-    y_q.backward(grad)
-    y_ref.backward(grad)
-    assert torch.equal(xs[0].grad, xs[1].grad)
-
-
-@pytest.fixture(scope="module")
-def world():
-    from qnext.megatron.parallel import initialize_parallel
-
-    initialize_parallel()
-    yield
+    assert_same_as_dequantized(lambda x, counts: quantized_grouped_linear(x, st.dequantize, grouped, counts),
+                               st.dequantize(torch.bfloat16), g)
 
 
 def test_nf4_experts_module_moves_outputs_no_more_than_its_weights(world):
-    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
-
-    from qnext.megatron.config import hf_to_transformer_config
-    from qnext.megatron.experts import GroupedGemmExperts
-    from qnext.megatron.parallel import CPU_BUILD_OVERRIDES
-
-    cfg = json.loads(TINY.read_text()) | {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 6}
-    tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES).config
-    mods = [GroupedGemmExperts(6, tc, pg_collection=get_default_pg_collection()) for _ in range(2)]
-    g = torch.Generator().manual_seed(2)
-    originals = {}
-    with torch.no_grad():
-        for name in ("linear_fc1", "linear_fc2"):
-            w = torch.randn(getattr(mods[0], name).weight.shape, generator=g) * 0.1
-            originals[name] = w
-            for m in mods:
-                getattr(m, name).weight.copy_(w)
-    for m in mods:
-        m.requires_grad_(False)  # frozen base, as in LoRA
+    mods, originals, g = twin_experts()
     mods[1].quantize_("nf4")
     assert mods[1].linear_fc1.quantized and mods[1].linear_fc1.base == "nf4"
     assert not any(True for _ in mods[1].parameters())
@@ -129,16 +83,7 @@ def test_nf4_experts_module_moves_outputs_no_more_than_its_weights(world):
     w_err = max(float((getattr(mods[1], n).dequantized(torch.float32) - w).norm() / w.norm())
                 for n, w in originals.items())
     assert 0 < w_err < 0.15
-    counts = torch.tensor([4, 0, 7, 3, 1, 5])
-    x = torch.randn(int(counts.sum()), 64, generator=g)
-    probs = torch.rand(x.shape[0], generator=g)
-    outs, grads = [], []
-    for m in mods:
-        xi = x.clone().requires_grad_(True)
-        out, _ = m(xi, counts, probs)
-        out.backward(torch.ones_like(out))
-        outs.append(out.detach())
-        grads.append(xi.grad)
+    outs, grads = run_experts(mods, g)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     # each expert computes three quantized products (gate, up, down) whose independent errors add in
     # quadrature: the outputs and input gradients move by about sqrt(3) times the weights' relative error;
