@@ -164,6 +164,8 @@ def main(argv=None) -> int:
 
     if args.profile:
         os.environ[PROFILE_ENV] = str(args.steps + 1)
+    else:
+        os.environ.pop(PROFILE_ENV, None)  # an inherited QNEXT_PROFILE_STEP would cut the timed steps short
     for step in range(args.steps + (1 if args.profile else 0)):
         sample = train[step % len(train)]
         batch = megatron_batch([sample], pad, args.seq, pack=pack)

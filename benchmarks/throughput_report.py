@@ -46,7 +46,8 @@ def render(data: dict, out_dir: Path) -> None:
     lines += ["", "Targets: Megatron backend >= 2x the HF pipeline's tokens/s for LoRA and >= 1.5x for full training; "
                   "planner within 15% of the measured peak."]
     for mode in MODES:
-        mg = next((r for r in rows if r["approach"] == "megatron" and r["mode"] == mode and "tokens_per_s_per_gpu" in r), None)
+        mg = next((r for r in rows if r["approach"] == "megatron" and r["mode"] == mode and "tokens_per_s_per_gpu" in r
+                   and r.get("base_dtype", "bf16") == "bf16"), None)  # the ratio and plan checks: the bf16 base
         ref = hf_tps.get(mode)
         if mg and ref:
             ratio, want = mg["tokens_per_s_per_gpu"] / ref, TARGET_RATIO[mode]

@@ -456,7 +456,7 @@ def main() -> int:
             atomic_write_text(args.out / row["log"], Path(info["log"]).read_text(errors="replace"))
         prof = out / f"profile_step{profile_step(args)}_rank0.txt"
         if args.profile and prof.is_file():
-            row["profile"] = f"profile_{approach}_{mode}.txt"
+            row["profile"] = f"profile_{approach}_{mode}{'' if row['base_dtype'] == 'bf16' else '_' + row['base_dtype']}.txt"
             atomic_write_text(args.out / row["profile"], prof.read_text())
         syncs = out / f"syncs_step{total_steps(args)}_rank0.json"
         if args.sync_check and syncs.is_file():

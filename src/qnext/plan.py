@@ -43,7 +43,8 @@ from .errors import UserError
 
 GIB = 2**30
 BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
-NF4_SCRATCH = 1.0 * GIB  # torchao's NF4 dequantization of one chunk of experts (int64 codes; qnext.quant.nf4)
+NF4_SCRATCH = 1.0 * GIB  # NF4 decoding of one chunk of experts (qnext.quant.nf4)
+QUANT_SCRATCH = 0.75 * GIB  # FP8: fp32 temporaries of one chunk of rows (quantize) or its bf16 copy (dequantize)
 
 
 def nf4_bytes_per_value(in_features: int) -> float:
@@ -251,8 +252,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     h_, f_ = int(hf["hidden_size"]), int(hf.get("moe_intermediate_size") or 1)
     expert_bytes = {"fp8": (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3, "nf4": nf4_bytes_per_value(h_)}.get(base, 2.0)
     one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if quantized and pc.experts else 0.0
-    scratch = NF4_SCRATCH if base == "nf4" else 0.0
-    largest = max(pc.embedding, pc.head) / tp  # the biggest single tensor a load may stage
+    scratch = NF4_SCRATCH if base == "nf4" else QUANT_SCRATCH if quantized else 0.0
+    largest = 2 * max(pc.embedding, pc.head) / tp  # bytes of the biggest single (bf16) tensor a load may stage
     best = None
     for stage in range(pp):
         idx = range(stage * per_stage, (stage + 1) * per_stage)

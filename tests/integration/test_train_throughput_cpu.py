@@ -91,8 +91,11 @@ def test_render_compares_quantized_bases_with_the_bf16_one(tmp_path):
                                   "tokens_per_s_per_gpu": 40000.0, "tflops_per_gpu": 90.0, "mfu_measured_peak": 0.12,
                                   "peak_mem_gib": 20.0, "base_dtype": base, "eval_loss": ev,
                                   "loss_curve": [12.0, 10.0, 8.5], **kw}
-    tt.render({"environment": env, "runs": [row("bf16", 8.0), row("fp8", 8.08), row("nf4", 8.2)]}, tmp_path)
+    runs = [row("fp8", 8.08, planned_tensors_gib=10.0, planned_peak_gib=13.0),  # a quantized row listed first
+            row("bf16", 8.0, planned_tensors_gib=19.0, planned_peak_gib=22.0), row("nf4", 8.2)]
+    tt.render({"environment": env, "runs": runs}, tmp_path)
     md = (tmp_path / "train_throughput.md").read_text()
+    assert "planner 19.0 GiB of tensors" in md and "planner 10.0 GiB" not in md  # the planner check is the bf16 run's
     assert "| fp8 | 40,000 | 12.000 -> 8.500 | 8.0800 | +1.00% |" in md
     assert "| nf4 | 40,000 | 12.000 -> 8.500 | 8.2000 | +2.50% |" in md and "| bf16 |" in md
 

@@ -28,13 +28,28 @@ def test_quantize_dequantize_error_within_the_format_bound():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_two_pass_dequantization_equals_the_plain_one(dtype):
+@pytest.mark.parametrize("chunk", [1 << 26, 32 * 7])
+def test_two_pass_dequantization_equals_the_plain_one(dtype, chunk, monkeypatch):
+    from qnext.quant import fp8
+
     g = torch.Generator().manual_seed(3)
     w = torch.randn(5, 48, 32, generator=g) * torch.logspace(-8, 3, 48)[None, :, None]
     w[0, :, :4] = 1e-9  # subnormal in e4m3 relative to their row
     q, scale = quantize_rows(w)
+    monkeypatch.setattr(fp8, "CHUNK_VALUES", chunk)  # 7 rows at a time: chunks cross expert boundaries
     fast, ref = dequantize_rows(q, scale, dtype), dequantize_rows_reference(q, scale, dtype)
     assert fast.dtype == ref.dtype == dtype and torch.equal(fast, ref)
+
+
+def test_storage_built_on_the_default_device_stays_there_through_casts():
+    """Built with device=None under a default device (here meta, as a meta-device construction does), the
+    FP8 storage keeps that device through megatron's .bfloat16() cast (it was sent to the CPU)."""
+    from qnext.megatron.experts import ExpertWeight
+
+    with torch.device("meta"):
+        m = ExpertWeight(2, 16, 32, dtype=torch.bfloat16, device=None, base="fp8")
+    m.bfloat16()
+    assert m.q.device.type == "meta" and m.scale.device.type == "meta" and m.q.dtype == FP8
 
 
 def test_quantizing_a_chunk_of_rows_at_a_time_changes_nothing(monkeypatch):

@@ -102,6 +102,18 @@ def test_nf4_experts_module_moves_outputs_no_more_than_its_weights(world):
     assert mods[1].linear_fc1.nf4.dtype == torch.float32  # still dequantizes to what it was quantized from
 
 
+def test_a_refused_quantization_leaves_the_weight_and_moves_keep_the_wrappers_honest(world):
+    from qnext.megatron.experts import ExpertWeight
+
+    w = ExpertWeight(2, 60, 60, dtype=torch.float32, device="cpu")  # 3600 values per expert: no 64-value blocks
+    w.requires_grad_(False)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        w.quantize_("nf4")
+    assert w.base == "bf16" and not w.quantized and w.weight.shape == (2, 60, 60)  # still usable
+    moved = Nf4Stack.quantize(torch.randn(2, 64, 64)).to("meta")
+    assert all(c.device.type == "meta" and c.quantized_data.device.type == "meta" for c in moved.chunks)
+
+
 def test_nf4_without_torchao_is_one_message(monkeypatch):
     import builtins
 

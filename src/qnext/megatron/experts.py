@@ -77,7 +77,7 @@ class ExpertWeight(nn.Module):
             raise ValueError(f"expert base {base!r}: expected one of {', '.join(BASES)}")
         self.base = base
         self._shape = torch.Size((num_experts, out_features, in_features))
-        self._device = torch.device(device if device is not None else "cpu")
+        self._device = torch.empty(0, device=device).device  # device=None: the default (or meta) device
         self.nf4 = None  # qnext.quant.nf4.Nf4Stack once filled (base nf4)
         if base == "fp8":  # frozen FP8 storage from the start: the bf16 weight is never allocated
             from ..quant.fp8 import FP8
@@ -135,6 +135,11 @@ class ExpertWeight(nn.Module):
             raise ValueError(f"quantize to {base!r}: expected fp8 or nf4")
         if self.weight.requires_grad:
             raise ValueError("only frozen expert weights can be quantized (LoRA with train.lora.experts=false)")
+        if base == "nf4":  # every check before the bf16 weight goes: a failure leaves the module as it was
+            from ..quant.nf4 import _torchao, check_shape
+
+            _torchao()
+            check_shape(*self.weight.shape[1:])
         w = self.weight.data
         self._shape, self._device = w.shape, w.device
         del self.weight

@@ -59,7 +59,11 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     passes over the weights instead of three (e4m3 -> bf16 is exact: bf16 has e4m3's exponent range and more
     mantissa bits; the product is formed in fp32 and written as ``dtype``): 7 bytes moved per value, not 19."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
-    return torch.mul(q.to(torch.bfloat16), scale, out=out)
+    q_rows, s_rows, o_rows = q.view(-1, q.shape[-1]), scale.view(-1, 1), out.view(-1, q.shape[-1])
+    step = max(1, CHUNK_VALUES // max(1, q.shape[-1]))  # the bf16 copy of q exists one chunk at a time
+    for a in range(0, q_rows.shape[0], step):
+        torch.mul(q_rows[a:a + step].to(torch.bfloat16), s_rows[a:a + step], out=o_rows[a:a + step])
+    return out
 
 
 def dequantize_rows_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

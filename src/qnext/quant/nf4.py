@@ -123,10 +123,14 @@ class Nf4Stack:
             return self
         NF4Tensor, _ = _torchao()
         # NF4Tensor's own .to() dequantizes; move the inner tensors and rebuild through its flatten protocol
+        import dataclasses
+
         moved = []
         for c in self.chunks:
             names, meta = c.__tensor_flatten__()
             inner = {n: getattr(c, n).to(device) for n in names}
+            # the wrapper's own metadata says where it lives: the new device, not the old one
+            meta = dict(meta, tensor_meta=dataclasses.replace(meta["tensor_meta"], device=inner[names[0]].device))
             moved.append(NF4Tensor.__tensor_unflatten__(inner, meta, c.shape, c.stride()))
         return Nf4Stack(tuple(self.shape), moved, self.experts_per_chunk, self.dtype)
 
