@@ -60,7 +60,7 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
         if not isinstance(m, GroupedGemmExperts):
             continue
         for sub in (m.linear_fc1, m.linear_fc2):
-            dev = sub._device if sub.quantized else sub.weight.device
+            dev = sub.device if sub.quantized else sub.weight.device
             if gen is None:
                 gen = torch.Generator(device=dev).manual_seed(seed)
             w = torch.randn(tuple(sub.shape), generator=gen, device=dev, dtype=torch.bfloat16).mul_(std)

@@ -40,17 +40,13 @@ from typing import Any, Mapping, Optional
 from .config import RecipeConfig
 from .config.validate import load_hf_config
 from .errors import UserError
+from .quant.nf4 import BYTES_PER_VALUE as NF4_BYTES_PER_VALUE
 
 GIB = 2**30
 BUFFER_BYTES = int(3.0 * GIB)  # CUDA context + NCCL buffers + allocator slack (per GPU)
 NF4_SCRATCH = 1.0 * GIB  # NF4 decoding of one chunk of experts (qnext.quant.nf4)
 QUANT_SCRATCH = 0.75 * GIB  # FP8: fp32 temporaries of one chunk of rows (quantize) or its bf16 copy (dequantize)
 
-
-def nf4_bytes_per_value(in_features: int) -> float:
-    from .quant.nf4 import bytes_per_value
-
-    return bytes_per_value(in_features)
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -250,7 +246,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     base = t.lora.base_dtype if lora else "bf16"
     quantized = base != "bf16"
     h_, f_ = int(hf["hidden_size"]), int(hf.get("moe_intermediate_size") or 1)
-    expert_bytes = {"fp8": (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3, "nf4": nf4_bytes_per_value(h_)}.get(base, 2.0)
+    expert_bytes = {"fp8": (2 * (1 + 4 / h_) + (1 + 4 / f_)) / 3, "nf4": NF4_BYTES_PER_VALUE}.get(base, 2.0)
     one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if quantized and pc.experts else 0.0
     scratch = NF4_SCRATCH if base == "nf4" else QUANT_SCRATCH if quantized else 0.0
     largest = 2 * max(pc.embedding, pc.head) / tp  # bytes of the biggest single (bf16) tensor a load may stage

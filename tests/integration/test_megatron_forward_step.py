@@ -13,8 +13,6 @@ Slow: imports megatron and builds the tiny model (about a minute on 2 cores).
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -29,12 +27,6 @@ pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
 
 SEQ = 128
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_loaded(cfg: dict, ckpt: Path):
@@ -56,16 +48,13 @@ def model_and_data(tmp_path_factory):
     from qnext.convert import convert_hf_to_torch_dist
     from qnext.data.dataset import build_datasets
     from qnext.data.tokenizer import load_tokenizer
-    from qnext.megatron.parallel import initialize_parallel, use_torch_gdn_path
+    from dist_fixtures import gloo_world_of_one
 
     base = tmp_path_factory.mktemp("fwd")
     cfg = small_config()
     hf = write_hf_checkpoint(base / "hf")
     convert_hf_to_torch_dist(hf, base / "mg", progress=False, log=None)
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    initialize_parallel(None, backend="gloo")
-    use_torch_gdn_path()
+    gloo_world_of_one()
     model = build_loaded(cfg, base / "mg")
     tok = load_tokenizer(None)
     train, _, _ = build_datasets(REPO / "data/sample/chats.jsonl", tok, SEQ, pack=False, valid_fraction=0.05)

@@ -13,8 +13,6 @@
 """
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
@@ -26,12 +24,6 @@ sys.path.insert(0, str(REPO / "tests/unit"))
 
 pytest.importorskip("megatron.core")
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _build(cfg: dict, base: str):
@@ -49,15 +41,12 @@ def converted(tmp_path_factory):
     from convert_fixtures import small_config, write_hf_checkpoint
 
     from qnext.convert import convert_hf_to_torch_dist
-    from qnext.megatron.parallel import initialize_parallel, use_torch_gdn_path
+    from dist_fixtures import gloo_world_of_one
 
     base = tmp_path_factory.mktemp("fp8")
     hf = write_hf_checkpoint(base / "hf")
     convert_hf_to_torch_dist(hf, base / "mg", progress=False, log=None)
-    if not torch.distributed.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    initialize_parallel(None, backend="gloo")
-    use_torch_gdn_path()
+    gloo_world_of_one()
     return small_config(), base / "mg"
 
 
@@ -79,7 +68,7 @@ def test_quantized_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_m
 
     from qnext.megatron.model import load_torch_dist
     from qnext.megatron.parallel import construction_device
-    from qnext.megatron.quant_load import fp8_expert_modules, load_fp8_experts
+    from qnext.megatron.quant_load import load_quantized_experts, quantized_expert_modules
 
     cfg, mg = converted
 
@@ -105,7 +94,7 @@ def test_quantized_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_m
     stacked_params = dict(stacked.named_parameters())
     for k in expert_keys:
         assert float(params[k].abs().sum()) > 0 and torch.equal(params[k], stacked_params[k]), k
-    for _, m in fp8_expert_modules(reference):
+    for _, m in quantized_expert_modules(reference):
         raise AssertionError("a bf16-built model has no FP8 experts")
     experts_ref = [m for m in reference.modules() if type(m).__name__ == "GroupedGemmExperts"]
     for m in experts_ref:
@@ -113,7 +102,7 @@ def test_quantized_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_m
         m.quantize_(base)
 
     model = _build(cfg, base)
-    fp8 = fp8_expert_modules(model)
+    fp8 = quantized_expert_modules(model)
     assert len(fp8) == len(experts_ref) > 1
     assert not any(".mlp.experts." in n for n, _ in model.named_parameters())
     assert not any(".mlp.experts." in k for k in model.sharded_state_dict())
@@ -124,7 +113,7 @@ def test_quantized_experts_load_layer_by_layer_and_equal_quantizing_the_loaded_m
     calls = []
     monkeypatch.setattr(dist_checkpointing, "load", lambda sd, *a, **k: calls.append(sorted(sd)) or real_load(sd, *a, **k))
     said = []
-    assert load_fp8_experts([model], mg, say=said.append) == len(fp8)
+    assert load_quantized_experts([model], mg, say=said.append) == len(fp8)
     assert len(calls) == len(fp8) and said
     for (name, _), keys in zip(fp8, calls):  # one layer's two tensors per call
         assert keys == [f"{name}.linear_fc1.weight", f"{name}.linear_fc2.weight"], keys

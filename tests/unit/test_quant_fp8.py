@@ -75,7 +75,7 @@ def test_fp8_grouped_linear_equals_the_dequantized_bf16_computation():
 
 def test_fp8_experts_module_within_the_bound_of_bf16(world):
     mods, _, g = twin_experts()
-    mods[1].quantize_fp8_()
+    mods[1].quantize_("fp8")
     assert mods[1].linear_fc1.quantized and not any(True for _ in mods[1].parameters())
     outs, grads = run_experts(mods, g)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
@@ -96,4 +96,4 @@ def test_trained_weights_are_not_quantized(world):
 
     m = ExpertWeight(2, 4, 8, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="frozen"):
-        m.quantize_fp8_()
+        m.quantize_("fp8")

@@ -77,7 +77,7 @@ class ExpertWeight(nn.Module):
             raise ValueError(f"expert base {base!r}: expected one of {', '.join(BASES)}")
         self.base = base
         self._shape = torch.Size((num_experts, out_features, in_features))
-        self._device = torch.empty(0, device=device).device  # device=None: the default (or meta) device
+        self.device = torch.empty(0, device=device).device  # device=None: the default (or meta) device
         self.nf4 = None  # qnext.quant.nf4.Nf4Stack once filled (base nf4)
         if base == "fp8":  # frozen FP8 storage from the start: the bf16 weight is never allocated
             from ..quant.fp8 import FP8
@@ -88,10 +88,9 @@ class ExpertWeight(nn.Module):
             self.register_buffer("scale", torch.ones(num_experts, out_features, 1, dtype=torch.float32, device=device),
                                  persistent=False)
         elif base == "nf4":  # filled by set_quantized_ (torchao's NF4 tensors are no module buffers)
-            from ..quant.nf4 import _torchao, check_shape
+            from ..quant.nf4 import require
 
-            _torchao()  # missing torchao: one message at build time, not at the first step
-            check_shape(out_features, in_features)
+            require(out_features, in_features)  # missing torchao: one message at build time, not at the first step
         else:
             self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features, dtype=dtype, device=device))
 
@@ -136,12 +135,11 @@ class ExpertWeight(nn.Module):
         if self.weight.requires_grad:
             raise ValueError("only frozen expert weights can be quantized (LoRA with train.lora.experts=false)")
         if base == "nf4":  # every check before the bf16 weight goes: a failure leaves the module as it was
-            from ..quant.nf4 import _torchao, check_shape
+            from ..quant.nf4 import require
 
-            _torchao()
-            check_shape(*self.weight.shape[1:])
+            require(*self.weight.shape[1:])
         w = self.weight.data
-        self._shape, self._device = w.shape, w.device
+        self._shape, self.device = w.shape, w.device
         del self.weight
         self.base = base
         if base == "fp8":
@@ -151,9 +149,6 @@ class ExpertWeight(nn.Module):
             self.register_buffer("scale", torch.empty(*w.shape[:2], 1, dtype=torch.float32, device=w.device),
                                  persistent=False)
         self.set_quantized_(w)
-
-    def quantize_fp8_(self) -> None:
-        self.quantize_("fp8")
 
     def _apply(self, fn, recurse=True):
         """Device moves apply to the quantized storage, dtype casts do not: megatron's ``Float16Module`` calls
@@ -165,12 +160,12 @@ class ExpertWeight(nn.Module):
         try:
             super()._apply(fn, recurse)
         finally:
-            target = fn(torch.empty(0, device=self._device)).device  # where fn sends a tensor; its dtype is ignored
+            target = fn(torch.empty(0, device=self.device)).device  # where fn sends a tensor; its dtype is ignored
             for k, t in kept.items():
                 self._buffers[k] = t if t.device == target else t.to(device=target)
             if self.nf4 is not None:
                 self.nf4 = self.nf4.to(target)
-            self._device = target
+            self.device = target
         return self
 
     @torch.no_grad()
@@ -179,7 +174,7 @@ class ExpertWeight(nn.Module):
         if tuple(w.shape) != tuple(self._shape):
             raise ValueError(f"expert weight of shape {tuple(w.shape)} for {self.base} storage of shape "
                              f"{tuple(self._shape)}")
-        w = w.to(self._device)
+        w = w.to(self.device)
         if self.base == "fp8":
             from ..quant.fp8 import quantize_rows
 
@@ -313,9 +308,6 @@ class GroupedGemmExperts(MegatronModule):
         self.linear_fc1.quantize_(base)
         self.linear_fc2.quantize_(base)
         self.base = base
-
-    def quantize_fp8_(self) -> None:
-        self.quantize_("fp8")
 
     def backward_dw(self):
         """Weight grads are computed in the ordinary backward (no delayed wgrad)."""

@@ -27,8 +27,6 @@ def quantized_expert_modules(model) -> list[tuple[str, torch.nn.Module]]:
             if isinstance(m, GroupedGemmExperts) and m.linear_fc1.quantized and m.linear_fc2.quantized]
 
 
-fp8_expert_modules = quantized_expert_modules
-
 
 def load_quantized_experts(model, ckpt_dir: str | Path, *, say: Optional[Callable[[str], None]] = None) -> int:
     """Load and quantize every quantized expert module of ``model`` (a megatron module, or the list
@@ -45,7 +43,7 @@ def load_quantized_experts(model, ckpt_dir: str | Path, *, say: Optional[Callabl
     todo = [(chunk, name, m) for chunk in chunks for name, m in quantized_expert_modules(_unwrap(chunk))]
     for i, (chunk, name, module) in enumerate(todo):
         dtype = module.config.params_dtype  # the checkpoint's training dtype (bf16 for real runs)
-        view = {n: torch.empty(tuple(getattr(module, n).shape), dtype=dtype, device=getattr(module, n)._device)
+        view = {n: torch.empty(tuple(getattr(module, n).shape), dtype=dtype, device=getattr(module, n).device)
                 for n in ("linear_fc1", "linear_fc2")}
         module._load_view = view
         try:
@@ -72,8 +70,6 @@ def load_quantized_experts(model, ckpt_dir: str | Path, *, say: Optional[Callabl
                 f"({time.perf_counter() - t0:.0f}s)")
     return len(todo)
 
-
-load_fp8_experts = load_quantized_experts
 
 
 def fill_quantized_experts(model, cfg, pretrained: Optional[str], say: Callable[[str], None]) -> int:

@@ -44,14 +44,19 @@ def quantize_rows(w: torch.Tensor, out: Optional[tuple[torch.Tensor, torch.Tenso
         torch.empty(*w.shape[:-1], 1, dtype=torch.float32, device=w.device))
     rows = w.reshape(-1, w.shape[-1])
     q_rows, s_rows = q.view(-1, w.shape[-1]), scale.view(-1, 1)
-    step = max(1, CHUNK_VALUES // max(1, w.shape[-1]))
-    for a in range(0, rows.shape[0], step):
-        wf = rows[a:a + step].float()
+    for part in _row_chunks(rows):
+        wf = rows[part].float()
         amax = wf.abs().amax(dim=-1, keepdim=True)
         sc = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q_rows[a:a + step] = (wf / sc).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-        s_rows[a:a + step] = sc
+        q_rows[part] = (wf / sc).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        s_rows[part] = sc
     return q, scale
+
+
+def _row_chunks(rows: torch.Tensor):
+    """Slices of ``rows`` [n, in] of at most ``CHUNK_VALUES`` values (at least one row each)."""
+    step = max(1, CHUNK_VALUES // max(1, rows.shape[-1]))
+    return (slice(a, a + step) for a in range(0, rows.shape[0], step))
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -60,9 +65,8 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     mantissa bits; the product is formed in fp32 and written as ``dtype``): 7 bytes moved per value, not 19."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     q_rows, s_rows, o_rows = q.view(-1, q.shape[-1]), scale.view(-1, 1), out.view(-1, q.shape[-1])
-    step = max(1, CHUNK_VALUES // max(1, q.shape[-1]))  # the bf16 copy of q exists one chunk at a time
-    for a in range(0, q_rows.shape[0], step):
-        torch.mul(q_rows[a:a + step].to(torch.bfloat16), s_rows[a:a + step], out=o_rows[a:a + step])
+    for part in _row_chunks(q_rows):  # the bf16 copy of q exists one chunk at a time
+        torch.mul(q_rows[part].to(torch.bfloat16), s_rows[part], out=o_rows[part])
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 BLOCK = 64  # values per absmax scale (QLoRA's block size)
 SCALER_BLOCK = 256  # scales per fp32 factor of the second quantization
 CHUNK_VALUES = 1 << 26  # values per NF4 tensor: quantizing/dequantizing one takes ~1-2 GB of scratch
+BYTES_PER_VALUE = 0.5 + 1 / BLOCK + 4 / (BLOCK * SCALER_BLOCK)  # 4 bits, an int8 scale, a share of an fp32 factor
 _ROUNDING = 2.0**-7  # the input dtype's rounding of the normalized value (bf16: 2^-8 relative), generous
 
 
@@ -62,6 +63,19 @@ def half_gap() -> float:
     return float((c[1:] - c[:-1]).max()) / 2
 
 
+def require(out_features: int, in_features: int) -> None:
+    """torchao importable and each expert's values a whole number of blocks; else one clear error."""
+    _torchao()
+    if (out_features * in_features) % BLOCK:
+        raise ValueError(f"NF4 expert storage needs out*in divisible by {BLOCK}, got {out_features}x{in_features}")
+
+
+def _experts_per_chunk(shape) -> int:
+    """Whole experts per NF4 tensor: as many as fit ``CHUNK_VALUES``, at least one."""
+    e, o, i = shape
+    return max(1, min(e, CHUNK_VALUES // (o * i)))
+
+
 def _scaler_block(n_blocks: int) -> int:
     """SCALER_BLOCK, or (small test models) the largest power of two dividing the number of blocks."""
     if n_blocks % SCALER_BLOCK == 0:
@@ -82,12 +96,10 @@ class Nf4Stack:
     @torch.no_grad()
     def quantize(cls, w: torch.Tensor) -> "Nf4Stack":
         """``w`` [E, out, in] (bf16 for real runs) -> NF4, one chunk of whole experts at a time."""
-        _, to_nf4 = _torchao()
         e, o, i = w.shape
-        per_expert = o * i
-        if per_expert % BLOCK:
-            raise ValueError(f"NF4 needs each expert's {o}x{i} values to be a multiple of the block size {BLOCK}")
-        k = max(1, min(e, CHUNK_VALUES // per_expert))
+        require(o, i)
+        _, to_nf4 = _torchao()
+        k = _experts_per_chunk(w.shape)
         chunks = []
         for a in range(0, e, k):
             part = w[a:a + k].reshape(-1, i).contiguous()
@@ -150,8 +162,8 @@ def _decode(c) -> torch.Tensor:
 def error_bound(w: torch.Tensor) -> torch.Tensor:
     """Per-element bound on |w - dequantize(quantize(w))| for the stacked weight ``w`` [E, out, in] (fp32),
     computed from ``w``'s own block maxima as the module docstring derives it."""
-    e, o, i = w.shape
-    k = max(1, min(e, CHUNK_VALUES // (o * i)))
+    e = w.shape[0]
+    k = _experts_per_chunk(w.shape)
     h = half_gap()
     bounds = []
     for a in range(0, e, k):
@@ -164,17 +176,5 @@ def error_bound(w: torch.Tensor) -> torch.Tensor:
     return torch.cat(bounds, dim=0)
 
 
-def bytes_per_value(in_features: int) -> float:
-    """Storage per weight value: 4 bits, an int8 scale per BLOCK values, an fp32 factor per SCALER_BLOCK
-    scales (``in_features`` is unused: blocks run along the flattened experts)."""
-    del in_features
-    return 0.5 + 1 / BLOCK + 4 / (BLOCK * SCALER_BLOCK)
-
-
-def check_shape(out_features: int, in_features: int) -> None:
-    if (out_features * in_features) % BLOCK:
-        raise ValueError(f"NF4 expert storage needs out*in divisible by {BLOCK}, got {out_features}x{in_features}")
-
-
-__all__ = ["BLOCK", "SCALER_BLOCK", "Nf4Stack", "available", "bytes_per_value", "codebook", "error_bound",
-           "half_gap"]
+__all__ = ["BLOCK", "BYTES_PER_VALUE", "SCALER_BLOCK", "Nf4Stack", "available", "codebook", "error_bound",
+           "half_gap", "require"]
