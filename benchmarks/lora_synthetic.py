@@ -108,6 +108,10 @@ def main(argv=None) -> int:
     from qnext.megatron.config import load_hf_config
 
     hf = load_hf_config(args.model)  # a missing or malformed file is one message, exit 2
+    if args.base_dtype == "nf4":
+        from qnext.quant.nf4 import _torchao
+
+        _torchao()  # without torchao: its one message before anything is built
     if args.steps < 1 or args.warmup < 0 or args.seq < 16:
         raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq}", hint="need steps >= 1, warmup >= 0, seq >= 16")
     if args.layers:
