@@ -68,6 +68,7 @@ def peak_reserved_gib(device: torch.device | str | None = None) -> float | None:
 
 
 PROFILE_ENV = "QNEXT_PROFILE_STEP"
+TRACE_ENV = "QNEXT_PROFILE_TRACE"  # =1: the profiled step's timeline too (profile_step<N>_rank<R>.trace.json.gz)
 
 
 def profile_step_wanted(step: int) -> bool:
@@ -116,11 +117,29 @@ class StepProfile:
         avg = self._prof.key_averages()
         text = (f"# profile of step {self.step}, rank {self.rank} ({PROFILE_ENV}={self.step})\n\n"
                 f"## by total {dev} time\n{avg.table(sort_by=f'{dev}_time_total', row_limit=40)}\n\n"
+                f"## by self {dev} time (time in the operator's own kernels, not its children's)\n"
+                f"{avg.table(sort_by=f'self_{dev}_time_total', row_limit=40)}\n\n"
                 f"## by {dev} memory allocated in the operator itself\n"
                 f"{avg.table(sort_by=f'self_{dev}_memory_usage', row_limit=25)}\n")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / f"profile_step{self.step}_rank{self.rank}.txt"
         atomic_write_text(self.path, text)
+        if os.environ.get(TRACE_ENV, "").strip() not in ("", "0"):
+            self._write_trace()
+
+    def _write_trace(self) -> None:
+        """The step's timeline as a gzipped Chrome trace (open in Perfetto), next to the table."""
+        import gzip
+        import tempfile
+
+        final = self.out_dir / f"profile_step{self.step}_rank{self.rank}.trace.json.gz"
+        with tempfile.TemporaryDirectory(dir=self.out_dir) as tmp:
+            raw = Path(tmp) / "trace.json"
+            self._prof.export_chrome_trace(str(raw))
+            part = Path(tmp) / "trace.json.gz"
+            with raw.open("rb") as src, gzip.open(part, "wb", compresslevel=6) as dst:
+                dst.writelines(src)
+            os.replace(part, final)
 
 
 def format_record(rec: dict[str, Any], total_steps: int | None = None) -> str:

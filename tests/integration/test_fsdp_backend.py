@@ -11,6 +11,7 @@ About two minutes on 2 cores (every run is a fresh interpreter importing torch +
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -247,10 +248,15 @@ def test_profile_of_one_step(tiny, monkeypatch):
     its record is marked, so that timings can leave it out."""
     out = tiny["root"] / "profiled"
     monkeypatch.setenv("QNEXT_PROFILE_STEP", "2")
+    monkeypatch.setenv("QNEXT_PROFILE_TRACE", "1")
     res = run_train(_args(tiny, out, "train.steps=3"))
     assert "profile of step 2 written to" in res.stdout, res.stdout[-2000:]
     table = (out / "profile_step2_rank0.txt").read_text()
     assert "## by total cpu time" in table and "aten::mm" in table
+    assert "## by self cpu time" in table
+    trace = json.loads(gzip.decompress((out / "profile_step2_rank0.trace.json.gz").read_bytes()))
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])  # the step's timeline
+    assert not list(out.glob("profile_step1*")) and not list(out.glob("**/trace.json"))
     recs = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     assert [s for s, r in sorted(recs.items()) if r.get("profiled")] == [2]
     monkeypatch.setenv("QNEXT_PROFILE_STEP", "two")
