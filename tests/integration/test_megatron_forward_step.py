@@ -117,6 +117,44 @@ def test_reported_loss_is_the_sum_over_labelled_tokens_and_grads_flow(model_and_
     assert float(grads["output_layer.weight"].abs().sum()) > 0
 
 
+def test_every_linear_gets_an_input_matmul_folds_into_one_gemm(model_and_data):
+    """One row per micro-batch (batch 1, the training entry's packed layout): the input of every linear
+    layer has dense strides. megatron's GDN hands out_proj a [s, 1, h] view with the batch dimension's
+    stride s*h (so does the embedding), which torch.matmul in the frozen-weight linear ran as s vector
+    products (30% of the proxy's LoRA step on an H200); qnext.megatron.gemm_layout fixes it."""
+    from qnext.megatron.data import forward_step, megatron_batch
+    from qnext.megatron.gemm_layout import gemm_foldable, standard_strides
+    from qnext.megatron.parallel import construction_device
+
+    model, samples, pad_id, _, _ = model_and_data
+    seen = {}
+
+    def record(name):
+        def hook(_mod, args):
+            if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 3:
+                seen[name] = (tuple(args[0].shape), args[0].stride())
+        return hook
+
+    linears = [(n, m) for n, m in model.named_modules()
+               if type(m).__name__ in ("ColumnParallelLinear", "RowParallelLinear")]
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in linears]  # run after the model's own hooks
+    try:
+        # one row (CPU: unpacked, megatron's torch GDN path refuses packed rows in deterministic mode)
+        batch = megatron_batch(samples[:1], pad_id, SEQ, pack=False)
+        with torch.no_grad(), construction_device("cpu"):
+            forward_step(iter([batch]), model)
+    finally:
+        for h in handles:
+            h.remove()
+    assert any(n.endswith("self_attention.out_proj") for n in seen) and len(seen) == len(linears), sorted(seen)
+    bad = {n: v for n, v in seen.items() if not gemm_foldable(torch.empty_strided(*v))}
+    assert not bad, bad
+    odd = torch.empty(1, 6, 4).transpose(0, 1)  # what megatron hands out_proj, in small
+    assert odd.is_contiguous() and not gemm_foldable(odd)
+    fixed = standard_strides(odd)
+    assert fixed.stride() == (4, 4, 1) and fixed.data_ptr() == odd.data_ptr() and fixed.shape == odd.shape
+
+
 def test_start_up_check_names_weights_missing_from_the_checkpoint(model_and_data):
     from qnext.megatron.checkpoint import checkpoint_tensor_keys, missing_base_keys
 

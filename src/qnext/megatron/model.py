@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from .config import HFConfig, MegatronModelArgs, ParallelSizes, hf_to_transformer_config
 from .spec import TE, block_spec, select_backend
+from .gemm_layout import dense_linear_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def build_model(
         # as megatron.training's get_model does right after calling the provider.
         model.cuda(torch.cuda.current_device())
     model.qnext_backend = backend
+    dense_linear_inputs(model)  # one GEMM per linear for [s, 1, h] activations (qnext.megatron.gemm_layout)
     logger.info(
         "built Qwen3-Next GPTModel (%s back end, pp rank %d: %d layers, %.1fM params on this rank)",
         backend,
