@@ -11,7 +11,8 @@
 # pieces of one .tgz, since files that come back are capped at 16 MiB); copy the pieces into .gpucarry/ (git-ignored)
 # and carry that folder: the next machine unpacks it here before anything else. 223 MB of cache is 32 MB packed.
 if [ "${1:-}" = pack ]; then
-  tar czf /tmp/gpucache.tgz .gpucache && split -b 15M /tmp/gpucache.tgz "${2:?pack needs a directory}/gc.part." && ls -l "$2"
+  # tar exits 1 when a file changed while read (a killed run's compile worker still writing): the rest is packed
+  tar --warning=no-file-changed -czf /tmp/gpucache.tgz .gpucache; [ $? -le 1 ] && split -b 15M /tmp/gpucache.tgz "${2:?pack needs a directory}/gc.part." && ls -l "$2"
   exit 0
 fi
 if compgen -G ".gpucarry/gc.part.*" > /dev/null && [ ! -d .gpucache ]; then
