@@ -77,7 +77,7 @@ def build_model(
     model as ``model.qnext_backend``.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+    from .lm_loss import QnextGPTModel
 
     p = ParallelSizes.of(parallel)
     _check_parallel_state(p)
@@ -88,7 +88,7 @@ def build_model(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     spec = block_spec(args.config, backend, vp_stage=vp_stage, pp_rank=ps.get_pipeline_model_parallel_rank())
     extra = {} if pg_collection is None else {"pg_collection": pg_collection}
-    model = GPTModel(
+    model = QnextGPTModel(
         config=args.config,
         transformer_layer_spec=spec,
         pre_process=pre_process,
