@@ -8,15 +8,19 @@
 #    Triton, torch and patched source: the record's key names all five, and the patched fla checks the
 #    key itself, so a record from another GPU or software version enables nothing.
 # Afterwards `bash benchmarks/device_prep.sh pack DIR` (run, not sourced) writes .gpucache as DIR/gc.part.* (15 MiB
-# pieces of one .tgz, since files that come back are capped at 16 MiB); copy the pieces into .gpucarry/ (git-ignored)
-# and carry that folder: the next machine unpacks it here before anything else. 223 MB of cache is 32 MB packed.
+# pieces of one .txz, since files that come back are capped at 16 MiB); copy the pieces into .gpucarry/ (git-ignored)
+# and carry that folder: the next machine unpacks it here before anything else. 427 MB of cache is 21 MB packed.
 if [ "${1:-}" = pack ]; then
-  # tar exits 1 when a file changed while read (a killed run's compile worker still writing): the rest is packed
-  tar --warning=no-file-changed -czf /tmp/gpucache.tgz .gpucache; [ $? -le 1 ] && split -b 15M /tmp/gpucache.tgz "${2:?pack needs a directory}/gc.part." && ls -l "$2"
+  # xz: 427 MB of cache is 21 MB (gzip: 59 MB, too much to carry with the wheels). tar exits 1 when a file
+  # changed while read (a killed run's compile worker still writing): the rest is packed
+  tar --warning=no-file-changed -cf - .gpucache | xz -9 -T0 > /tmp/gpucache.txz
+  st=("${PIPESTATUS[@]}")
+  [ "${st[0]}" -le 1 ] && [ "${st[1]}" -eq 0 ] && rm -f "${2:?pack needs a directory}"/gc.part.* \
+    && split -b 15M /tmp/gpucache.txz "$2/gc.part." && ls -l "$2"
   exit 0
 fi
 if compgen -G ".gpucarry/gc.part.*" > /dev/null && [ ! -d .gpucache ]; then
-  cat .gpucarry/gc.part.* | tar xz && echo "[prep] unpacked the carried .gpucache ($(du -sh .gpucache | cut -f1))"
+  cat .gpucarry/gc.part.* > /tmp/gpucarry.pack && tar xf /tmp/gpucarry.pack && rm /tmp/gpucarry.pack && echo "[prep] unpacked the carried .gpucache ($(du -sh .gpucache | cut -f1))"
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || return 1
 mkdir -p .gpucache/triton
