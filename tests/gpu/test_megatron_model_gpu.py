@@ -267,7 +267,8 @@ def test_packed_attention_modes_match_the_per_sample_loop(world, monkeypatch, mo
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2)])  # the training dtype; a wrong head map is O(1)
 def test_fast_paths_match_the_reference_paths(world, monkeypatch, dtype, tol):
     """The tiny model on a packed row with qnext's fast paths (fla-native Gated DeltaNet: in-kernel q/k
-    norm, grouped value heads, host cu_seqlens; the sorted MoE dispatcher; compiled SwiGLU and RMSNorm)
+    norm, grouped value heads, host cu_seqlens; the sorted MoE dispatcher; compiled SwiGLU and RMSNorm;
+    fla's fused cross-entropy)
     against the same weights on the reference paths (megatron's GDN preparation and dispatcher, plain
     ops): per-token losses and every parameter's gradient."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -280,8 +281,10 @@ def test_fast_paths_match_the_reference_paths(world, monkeypatch, dtype, tol):
     pos = torch.cat([torch.arange(b - a) for a, b in zip(cu_host[:-1].tolist(), cu_host[1:].tolist())]).cuda()[None]
     res = {}
     state = None
-    for name, env in (("reference", {"QNEXT_GDN_FLA_NATIVE": "0", "QNEXT_MOE_DISPATCH": "megatron", "QNEXT_FUSED": "0"}),
-                      ("fast", {"QNEXT_GDN_FLA_NATIVE": "1", "QNEXT_MOE_DISPATCH": "sorted", "QNEXT_FUSED": "1"})):
+    for name, env in (("reference", {"QNEXT_GDN_FLA_NATIVE": "0", "QNEXT_MOE_DISPATCH": "megatron", "QNEXT_FUSED": "0",
+                                    "QNEXT_FLA_LOSS": "0"}),
+                      ("fast", {"QNEXT_GDN_FLA_NATIVE": "1", "QNEXT_MOE_DISPATCH": "sorted", "QNEXT_FUSED": "1",
+                               "QNEXT_FLA_LOSS": "1"})):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         model = _tiny_model(dtype)

@@ -95,14 +95,15 @@ def test_fla_cross_entropy_equals_megatrons_loss():
     assert "kernel: loss" in res.stdout and "weight gradients equal" in res.stdout
 
 
-def test_fla_loss_applies_only_to_one_rank_cuda_with_fused_ops(monkeypatch):
+def test_fla_loss_applies_by_default_to_one_rank_cuda(monkeypatch):
     from qnext.megatron.lm_loss import fla_loss_applies
 
     cuda_like = type("T", (), {"is_cuda": True})()
     cpu_like = type("T", (), {"is_cuda": False})()
-    monkeypatch.setenv("QNEXT_FUSED", "1")
+    monkeypatch.delenv("QNEXT_FLA_LOSS", raising=False)
+    monkeypatch.setenv("QNEXT_FUSED", "0")  # independent of the compiled ops' switch
     assert fla_loss_applies(cuda_like, 1)
     assert not fla_loss_applies(cuda_like, 2)  # a vocabulary split over TP ranks: megatron's vocab-parallel loss
     assert not fla_loss_applies(cpu_like, 1)
-    monkeypatch.setenv("QNEXT_FUSED", "0")
+    monkeypatch.setenv("QNEXT_FLA_LOSS", "0")
     assert not fla_loss_applies(cuda_like, 1)

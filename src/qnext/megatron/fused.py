@@ -7,10 +7,11 @@ generates one kernel per direction from the plain definition, so the arithmetic 
 - :func:`swiglu_probs`: silu(gate) * up * routing probability of the routed experts, in float32,
   rounded once to the tokens' dtype;
 - :func:`rms_norm`: x / rms(x) * (1 + w) (zero-centred) or * w, in float32, rounded once;
-- the language-model cross-entropy: with the vocabulary on one tensor-parallel rank, fla's fused Triton
-  kernel (``qnext.megatron.lm_loss``); split over TP ranks, megatron-core's ``native`` fused implementation
+- the language-model cross-entropy split over TP ranks: megatron-core's ``native`` fused implementation
   (``cross_entropy_loss_fusion``, set in ``qnext.megatron.config``; its pieces are compiled by megatron's
-  ``jit_fuser``). Both against megatron's unfused ``vocab_parallel_cross_entropy``.
+  ``jit_fuser``), against its unfused ``vocab_parallel_cross_entropy``. With the whole vocabulary on one
+  rank, fla's fused kernel takes the loss whatever this switch says (``qnext.megatron.lm_loss``,
+  ``QNEXT_FLA_LOSS``).
 
 The compiled forms run on CUDA tensors with ``QNEXT_FUSED=1`` (opt-in until checked in a GPU
 training step); CPU tensors and the default take the reference. ``tests/unit/test_fused_ops.py`` compares compiled and reference forms, values
