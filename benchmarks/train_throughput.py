@@ -446,7 +446,8 @@ def main() -> int:
                     f", {row['base_dtype'].upper()} experts" if row["base_dtype"] != "bf16" else "")
                 row.update(planned_gib(ovs, ngpu))
             else:
-                row["layout"] = f"FSDP2 over {ngpu} GPU(s), full recompute"
+                wrapped = ngpu > 1 or mode == "full"  # qnext.fsdp.parallelize.needs_fsdp: a bf16 LoRA base on one GPU is not wrapped
+                row["layout"] = (f"FSDP2 over {ngpu} GPU(s)" if wrapped else "1 GPU, not FSDP-wrapped") + ", full recompute"
             recs, info = run_backend(args, approach, ovs, out, ngpu, args.timeout)
         row.update(info)
         if Path(info.get("log", "")).is_file():  # the results directory keeps every run's log

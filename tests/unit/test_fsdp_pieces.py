@@ -153,3 +153,17 @@ def test_fsdp_optimizer_is_fused_adamw_by_default_and_matches_foreach():
     assert all(g.get("fused") for g in opt_fused.param_groups)
     assert not any(g.get("fused") for g in opt_plain.param_groups)
     torch.testing.assert_close(w_fused, w_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_wraps_only_to_shard_or_cast():
+    """Several ranks: always FSDP. One GPU: only when FSDP's mixed precision has to cast the stored weights
+    (full training keeps float32 masters, computes in bf16); a bf16 LoRA base on one GPU is not wrapped (FSDP2
+    would copy every layer at each all-gather). One CPU process: never."""
+    from qnext.fsdp.parallelize import needs_fsdp
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert needs_fsdp(2, "cuda", bf16, "bf16") and needs_fsdp(8, "cuda", fp32, "bf16") and needs_fsdp(2, "cpu", fp32, "fp32")
+    assert needs_fsdp(1, "cuda", fp32, "bf16")  # full training on one GPU: the cast is FSDP's policy
+    assert not needs_fsdp(1, "cuda", bf16, "bf16")  # LoRA on one GPU
+    assert not needs_fsdp(1, "cuda", fp32, "fp32")
+    assert not needs_fsdp(1, "cpu", fp32, "fp32")

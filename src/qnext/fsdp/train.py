@@ -102,7 +102,8 @@ class Trainer:
         barrier()
 
         from .model import CausalLMLoss, router_aux_coef
-        from .parallelize import apply_ac, apply_fsdp, apply_lora, count_parameters, decoder_layers, set_full_training
+        from .parallelize import (apply_ac, apply_fsdp, apply_lora, count_parameters, decoder_layers, needs_fsdp,
+                                  set_full_training)
         from .sampler import GlobalBatchSampler
         from ..models.hf import force_torch_gdn_path, load_hf_model
 
@@ -134,11 +135,12 @@ class Trainer:
 
         from torch.distributed.device_mesh import init_device_mesh
 
-        if env.world_size > 1 or env.device.type == "cuda":
+        self.sharded = needs_fsdp(env.world_size, env.device.type, load_dtype, self.dtype)
+        if self.sharded:
             mesh = init_device_mesh(env.device.type, (env.world_size,))
             apply_fsdp(self.root, decoder_layers(self.root), mesh, self.dtype)
-        # else: one CPU process has nothing to shard; FSDP would only copy the embeddings every step
-        self.sharded = env.world_size > 1 or env.device.type == "cuda"
+        else:  # one process, weights already in the compute dtype: nothing to shard or cast
+            self.root.to(env.device)
 
         from .optim import build_optimizer
 
@@ -147,7 +149,8 @@ class Trainer:
                                           env.world_size, env.rank, cfg.train.seed)
         self.say(
             f"model: {self.n_total / 1e6:.1f}M parameters, {self.n_trainable / 1e6:.3f}M trained ({cfg.train.mode}); "
-            f"{env.world_size} rank(s) on {env.device.type} ({env.backend}), {self.dtype}; global batch "
+            f"{env.world_size} rank(s) on {env.device.type} ({env.backend}), {self.dtype}, "
+            f"{'FSDP2' if self.sharded else 'not FSDP-wrapped (nothing to shard or cast)'}; global batch "
             f"{cfg.train.global_batch_size} = micro {cfg.train.micro_batch_size} x accum {self.accum} x {env.world_size}"
         )
 
