@@ -74,10 +74,37 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
 
 
 @cli_main
+def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
+    """Sets ``hf["num_experts"] = experts`` and returns what the run stands for: with ``E / experts = ep``, one
+    rank of an EP ``ep`` run of the ``E``-expert model (balanced routing), and the all-to-all it leaves out, as
+    bytes and a lower-bound time at NVLink's one-way bandwidth (``qnext.throughput``). Empty when ``experts``
+    is 0 or the config's own count."""
+    from qnext.errors import UserError
+    from qnext.throughput import NVLINK_GBPS_ONE_WAY, ep_all_to_all_bytes, ep_all_to_all_seconds
+
+    total, topk = int(hf.get("num_experts") or 0), int(hf.get("num_experts_per_tok") or 0)
+    if not experts or experts == total:
+        return {}
+    if experts < topk or total % experts:
+        raise UserError(f"--experts {experts} with {total} experts, top-{topk}",
+                        hint=f"use a divisor of {total} that is at least {topk} (64 = one EP8 rank of 512)")
+    ep = total // experts
+    full = dict(hf)
+    hf["num_experts"] = experts
+    return {"emulates": f"one GPU of EP{ep} ({experts} of {total} experts, balanced routing); the all-to-all is not run",
+            "emulated_ep": ep, "ep_all_to_all_bytes_per_step": ep_all_to_all_bytes(full, seq, ep),
+            "ep_all_to_all_estimate_s": ep_all_to_all_seconds(full, seq, ep, gbps_one_way=NVLINK_GBPS_ONE_WAY["H200"])}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/qwen3_next_80b_a3b/config.json", help="HF config.json")
     ap.add_argument("--layers", type=int, default=0, help="override num_hidden_layers (0: the config's)")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="routed experts per MoE layer (0: the config's). Fewer than the config's emulates one GPU of "
+                         "an expert-parallel run: --layers 48 --experts 64 is one EP8 rank of the 80B model with balanced "
+                         "routing (each expert gets the tokens it would get there); the all-to-all is left out and "
+                         "estimated in the record")
     ap.add_argument("--base-dtype", default="fp8", choices=["bf16", "fp8", "nf4"],
                     help="storage of the routed experts (nf4 needs torchao)")
     ap.add_argument("--seq", type=int, default=4096, help="tokens per packed row (one row per step)")
@@ -104,6 +131,7 @@ def main(argv=None) -> int:
     from qnext.metrics import peak_memory_gib
     from qnext.plan import GIB, plan
     from qnext.throughput import mfu, step_flops
+    from train_throughput import measure_matmul_peak
 
     from qnext.megatron.config import load_hf_config
 
@@ -118,6 +146,7 @@ def main(argv=None) -> int:
         hf["num_hidden_layers"] = args.layers
         if isinstance(hf.get("layer_types"), list):
             hf["layer_types"] = hf["layer_types"][:args.layers]
+    emulated = ep_emulation(hf, args.experts, args.seq)  # before the override: the model it stands for
     cpu = args.device == "cpu"
     initialize_parallel(None, backend="gloo" if cpu else None)  # a world of one unless torchrun set RANK
     device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
@@ -151,7 +180,7 @@ def main(argv=None) -> int:
     cfg = load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={args.model}", f"data.seq_length={args.seq}",
                        "train.global_batch_size=1", "parallel.recompute=none", f"train.lora.r={args.lora_r}",
                        f"train.lora.base_dtype={args.base_dtype}"])
-    if args.layers:  # the plan reads the config file: write the overridden one next to the results
+    if args.layers or args.experts:  # the plan reads the config file: write the overridden one next to the results
         args.out.mkdir(parents=True, exist_ok=True)
         cfg_path = args.out / "model_config.json"
         atomic_write_text(cfg_path, json.dumps(hf, indent=1))
@@ -204,6 +233,7 @@ def main(argv=None) -> int:
         if not math.isfinite(rec["loss"]):
             raise SystemExit(f"loss is {rec['loss']} at step {step + 1}")
 
+    peak_measured = None if cpu else measure_matmul_peak()["tflops"]
     timed = records[args.warmup:] or records
     total_t = sum(r["step_time_s"] for r in timed)
     tps = sum(r["tokens"] for r in timed) / total_t
@@ -217,6 +247,8 @@ def main(argv=None) -> int:
         "synthetic_weights": True, "steps": args.steps, "warmup": args.warmup,
         "tokens_per_s_per_gpu": tps, "tflops_per_gpu": tflops,
         "mfu": mfu(tflops, torch.cuda.get_device_name(device)) if not cpu else None,
+        "matmul_peak_tflops": peak_measured, "mfu_measured_peak": tflops / peak_measured if peak_measured else None,
+        **emulated,
         "peak_mem_gib": peak, "startup_peak_gib": startup_peak,
         "planned_peak_gib": planned.peak / GIB, "planned_step_gib": planned.step_peak / GIB,
         "planned_startup_gib": planned.load / GIB,
