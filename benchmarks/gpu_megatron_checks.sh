@@ -9,12 +9,17 @@
 #      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
 #   6. the fast paths (fla-native GDN, now default; QNEXT_FUSED=1, opt-in) against their references, and the
 #      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
-#   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline, with a profiled and a
-#      sync-checked step (~6 min)
+#   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline and the FSDP backend, 30
+#      steps, with a profiled and a sync-checked step (~4 min with a warm cache)
 #   8. LoRA of the real Qwen3-Next-80B-A3B config on this one GPU, FP8 then NF4 experts, synthetic weights,
 #      30 steps and a profiled one each (benchmarks/lora_synthetic.py; ~2 + 3 min with a warm cache)
 #   9. the 4-layer proxy's LoRA (Megatron entry, real converted weights), 30 steps each with bf16, FP8 and
 #      NF4 experts: loss curves and held-out losses side by side (~1 min each with a warm cache)
+#  10. the 80B LoRA recipe's per-GPU compute: 48 layers with 64 of the 512 experts (one EP8 rank, balanced
+#      routing), bf16 base, synthetic weights, 30 steps and a profiled one; the record estimates the all-to-all
+#      it leaves out (benchmarks/lora_synthetic.py --experts 64; ~3 min)
+#  11. step 7's Megatron and HF LoRA runs again with the compiled ops off (QNEXT_FUSED=0), to set against
+#      step 7: what compiling costs and buys in a host-bound step (~2 min)
 # Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
 # record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
@@ -69,7 +74,7 @@ fi
 if want 7; then
   step "LoRA throughput with the fast paths (writes $out/throughput_fast)"
   QNEXT_GDN_FLA_NATIVE=1 QNEXT_FUSED=1 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_fast" \
-    --only megatron:lora,hf:lora --steps 6 --warmup 2 --gbs 2 --timeout 400 --profile --sync-check 2>&1 \
+    --only megatron:lora,hf:lora,fsdp:lora --steps 30 --warmup 3 --gbs 2 --timeout 300 --profile --sync-check 2>&1 \
     | tee "$out/throughput_fast.log" | grep "^\[bench\]"
 fi
 if want 8; then
@@ -85,6 +90,16 @@ if want 9; then
     timed "$py" benchmarks/train_throughput.py --out "$out/throughput_quant" --only megatron:lora --base-dtype $base \
       --steps 30 --warmup 3 --gbs 2 --timeout 300 2>&1 | tee "$out/throughput_$base.log" | grep "^\[bench\]"
   done
+fi
+if want 10; then
+  step "80B LoRA per-GPU emulation: 48 layers, 64 experts, bf16 (writes $out/lora_80b_ep8_rank)"
+  timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --steps 30 --warmup 3 --profile \
+    --out "$out/lora_80b_ep8_rank" 2>&1 | tee "$out/lora_80b_ep8_rank.log" | grep "^\[synthetic\]" | tail -4
+fi
+if want 11; then
+  step "LoRA throughput without the compiled ops (writes $out/throughput_unfused)"
+  QNEXT_FUSED=0 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_unfused" --only megatron:lora,hf:lora \
+    --steps 30 --warmup 3 --gbs 2 --timeout 300 --profile 2>&1 | tee "$out/throughput_unfused.log" | grep "^\[bench\]"
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"
