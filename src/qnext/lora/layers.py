@@ -55,9 +55,16 @@ def column_delta(
     u = torch.cat([F.linear(drop(x), a_j) for a_j in a], dim=-1)
     if share is not None:
         u = share(u)
-    r = a[0].shape[0]
-    y = torch.cat([F.linear(u[..., j * r:(j + 1) * r], b_j) for j, b_j in enumerate(b)], dim=-1) * scale
-    return y.new_zeros(*y.shape[:-1], out_features).index_copy(-1, torch.cat(list(rows)), y)
+    return F.linear(u, placed_b(b, rows, out_features, scale))
+
+
+def placed_b(b: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], out_features: int, scale: float) -> torch.Tensor:
+    """The column-parallel branches' B as one [out_features, n*r] weight: branch j's ``scale * B_j`` in its output
+    rows and its own r columns of u = [A_1 x, ..., A_n x], zeros elsewhere. One GEMM then writes the placed, scaled
+    delta; the products with the zeros add exact zeros. (Placing B_j u_j after the GEMMs took a zero-filled
+    [tokens, out] tensor, an index_copy and a scaling pass over it: three passes over the base output's size.)"""
+    block = torch.block_diag(*b) * scale
+    return block.new_zeros(out_features, block.shape[1]).index_copy(0, torch.cat(list(rows)), block)
 
 
 def row_partial(x_local: torch.Tensor, a_local: torch.Tensor) -> torch.Tensor:
