@@ -73,8 +73,8 @@ def row_partial(x_local: torch.Tensor, a_local: torch.Tensor) -> torch.Tensor:
 
 
 def row_delta(u: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """s * B u once u = A x is summed."""
-    return F.linear(u, b) * scale
+    """s * B u once u = A x is summed (the scale applied to the small B, not to the [tokens, out] product)."""
+    return F.linear(u, b * scale)
 
 
 def column_weight_delta(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], rows: Sequence[torch.Tensor],
