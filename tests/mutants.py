@@ -123,7 +123,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "moe_combine_unsorted", "Megatron: the sorted dispatcher sums expert outputs in expert order, not back per token",
         "src/qnext/megatron/dispatch.py",
-        (("    return rows.index_select(0, inverse).view(-1, k, h).sum(dim=1)",
+        (("    return back.view(-1, k, h).sum(dim=1)",
           "    return rows.view(-1, k, h).sum(dim=1)"),),
         ("tests/unit/test_moe_dispatch.py::test_sorted_dispatcher_equals_megatrons",),
     ),
