@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qnext.quant.fp8 import FP8, dequantize_rows, dequantize_rows_reference, error_bound, fp8_grouped_linear, quantize_rows
+from qnext.quant.fp8 import FP8, dequantize_rows, dequantize_rows_reference, error_bound, quantize_rows
+from qnext.quant.grouped import quantized_grouped_linear
 from quant_fixtures import assert_same_as_dequantized, grouped, run_experts, twin_experts, world  # noqa: F401
 
 
@@ -69,7 +70,8 @@ def test_quantizing_a_chunk_of_rows_at_a_time_changes_nothing(monkeypatch):
 def test_fp8_grouped_linear_equals_the_dequantized_bf16_computation():
     g = torch.Generator().manual_seed(1)
     q, scale = quantize_rows(torch.randn(4, 24, 32, generator=g))
-    assert_same_as_dequantized(lambda x, counts: fp8_grouped_linear(x, q, scale, grouped, counts),
+    dequantize = lambda dtype: dequantize_rows(q, scale, dtype)  # what ExpertWeight.dequantized does for fp8
+    assert_same_as_dequantized(lambda x, counts: quantized_grouped_linear(x, dequantize, grouped, counts),
                                dequantize_rows(q, scale, torch.bfloat16), g)
 
 

@@ -27,7 +27,6 @@ def quantized_expert_modules(model) -> list[tuple[str, torch.nn.Module]]:
             if isinstance(m, GroupedGemmExperts) and m.linear_fc1.quantized and m.linear_fc2.quantized]
 
 
-
 def load_quantized_experts(model, ckpt_dir: str | Path, *, say: Optional[Callable[[str], None]] = None) -> int:
     """Load and quantize every quantized expert module of ``model`` (a megatron module, or the list
     megatron's ``get_model`` returns) from ``ckpt_dir``; returns how many modules were filled."""
@@ -69,7 +68,6 @@ def load_quantized_experts(model, ckpt_dir: str | Path, *, say: Optional[Callabl
             say(f"{module.base} experts: {i + 1}/{len(todo)} layers loaded and quantized "
                 f"({time.perf_counter() - t0:.0f}s)")
     return len(todo)
-
 
 
 def fill_quantized_experts(model, cfg, pretrained: Optional[str], say: Callable[[str], None]) -> int:

@@ -10,9 +10,9 @@ in e4m3 with one fp32 scale per output row 77 GB, which fits one H200 next to th
 - Error bound (:func:`error_bound`): e4m3 keeps 3 mantissa bits, so a normal value is off by at most
   half a step, 2^-4 of itself; values below e4m3's smallest normal (2^-6 x scale) sit on its subnormal
   grid of spacing 2^-9 x scale, off by at most 2^-10 x scale.
-- :func:`fp8_grouped_linear`: rows grouped by expert times each expert's dequantized weight
-  (``qnext.quant.grouped``: backward dequantizes again, so only the FP8 weights stay in memory between
-  the passes); the frozen weights get no gradient.
+- the grouped GEMM over the experts dequantizes in each pass (``qnext.quant.grouped``, with
+  :func:`dequantize_rows`), so only the FP8 weights stay in memory between forward and backward; the
+  frozen weights get no gradient.
 
 The reference is the bf16 computation with the dequantized weights (``tests/unit/test_quant_fp8.py``
 compares them exactly, and the quantized model's LoRA logits and gradients with the bf16 model's within
@@ -20,7 +20,7 @@ a tolerance derived from the bound).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -78,13 +78,3 @@ def dequantize_rows_reference(q: torch.Tensor, scale: torch.Tensor, dtype: torch
 def error_bound(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-element bound on |w - dequantize(quantize(w))| (fp32, before the cast to the compute dtype)."""
     return torch.maximum(_NORMAL_REL * w.float().abs(), _SUBNORMAL_ABS * scale.expand_as(w))
-
-
-def fp8_grouped_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, grouped: Callable,
-                       counts: Optional[list[int]], offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``grouped(x, weight, counts, offsets)`` (rows of ``x`` grouped by expert times each expert's
-    weight, ``qnext.megatron.experts.grouped_linear``) with the dequantized weight; input gradient only
-    (the weights are frozen)."""
-    from .grouped import quantized_grouped_linear
-
-    return quantized_grouped_linear(x, lambda dtype: dequantize_rows(q, scale, dtype), grouped, counts, offsets)
