@@ -73,7 +73,6 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
     return n
 
 
-@cli_main
 def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
     """Sets ``hf["num_experts"] = experts`` and returns what the run stands for: with ``E / experts = ep``, one
     rank of an EP ``ep`` run of the ``E``-expert model (balanced routing), and the all-to-all it leaves out, as
@@ -96,6 +95,7 @@ def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
             "ep_all_to_all_estimate_s": ep_all_to_all_seconds(full, seq, ep, gbps_one_way=NVLINK_GBPS_ONE_WAY["H200"])}
 
 
+@cli_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=REPO / "models/qwen3_next_80b_a3b/config.json", help="HF config.json")
