@@ -74,12 +74,11 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
 
 
 def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
-    """Sets ``hf["num_experts"] = experts`` and returns what the run stands for: with ``E / experts = ep``, one
-    rank of an EP ``ep`` run of the ``E``-expert model (balanced routing), and the all-to-all it leaves out, as
-    bytes and a lower-bound time at NVLink's one-way bandwidth (``qnext.throughput``). Empty when ``experts``
-    is 0 or the config's own count."""
+    """Sets ``hf["num_experts"] = experts`` and returns what the run stands for (one GPU of an expert-parallel
+    run of the config's model, and the all-to-all it leaves out: ``qnext.throughput.ep_emulation_record``).
+    Empty when ``experts`` is 0 or the config's own count."""
     from qnext.errors import UserError
-    from qnext.throughput import NVLINK_GBPS_ONE_WAY, ep_all_to_all_bytes, ep_all_to_all_seconds
+    from qnext.throughput import ep_emulation_record
 
     total, topk = int(hf.get("num_experts") or 0), int(hf.get("num_experts_per_tok") or 0)
     if not experts or experts == total:
@@ -87,12 +86,9 @@ def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
     if experts < topk or total % experts:
         raise UserError(f"--experts {experts} with {total} experts, top-{topk}",
                         hint=f"use a divisor of {total} that is at least {topk} (64 = one EP8 rank of 512)")
-    ep = total // experts
-    full = dict(hf)
+    record = ep_emulation_record(dict(hf), experts, seq)  # one packed row per step
     hf["num_experts"] = experts
-    return {"emulates": f"one GPU of EP{ep} ({experts} of {total} experts, balanced routing); the all-to-all is not run",
-            "emulated_ep": ep, "ep_all_to_all_bytes_per_step": ep_all_to_all_bytes(full, seq, ep),
-            "ep_all_to_all_estimate_s": ep_all_to_all_seconds(full, seq, ep, gbps_one_way=NVLINK_GBPS_ONE_WAY["H200"])}
+    return record
 
 
 @cli_main

@@ -228,18 +228,12 @@ def ep_emulation(args, mode: str) -> dict[str, Any]:
     tokens top-10 over N experts gives it). It leaves out the expert-parallel all-to-all; its time is
     estimated here from the bytes one GPU sends per step at NVLink's one-way bandwidth
     (``qnext.throughput.ep_all_to_all_seconds``: a lower bound, no overlap with compute assumed)."""
-    from qnext.throughput import NVLINK_GBPS_ONE_WAY, ep_all_to_all_bytes, ep_all_to_all_seconds
+    from qnext.throughput import ep_emulation_record
 
     full = json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text()) | {"num_hidden_layers": args.layers}
-    ep = 512 // args.experts
     rc = args.recompute_lora if mode == "lora" else args.recompute_full
     passes = 3 if rc in ("selective", "full") else 2
-    tokens = args.gbs * args.seq
-    gbps = NVLINK_GBPS_ONE_WAY["H200"]
-    return {"emulated_ep": ep, "a2a_bytes_per_step": ep_all_to_all_bytes(full, tokens, ep, moe_passes=passes),
-            "a2a_estimate_s": ep_all_to_all_seconds(full, tokens, ep, gbps_one_way=gbps, moe_passes=passes),
-            "a2a_assumed_gbps_one_way": gbps, "emulation_leaves_out": "the EP all-to-all (estimated), NCCL launch "
-            "latencies, load imbalance between ranks, the data-parallel gradient reduction of the adapters"}
+    return ep_emulation_record(full, args.experts, args.gbs * args.seq, moe_passes=passes)
 
 
 # ----------------------------------------------------------------------------------------- HF pipeline

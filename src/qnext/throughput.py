@@ -164,3 +164,20 @@ def ep_all_to_all_seconds(hf_config: Mapping[str, Any], tokens_per_gpu: int, ep:
     """:func:`ep_all_to_all_bytes` at ``gbps_one_way`` GB/s per GPU: a lower bound on the all-to-all time
     of a step (achieved NCCL bandwidth is lower; overlap with compute would hide part of it)."""
     return ep_all_to_all_bytes(hf_config, tokens_per_gpu, ep, moe_passes=moe_passes) / (gbps_one_way * 1e9)
+
+
+def ep_emulation_record(full_hf: Mapping[str, Any], experts: int, tokens_per_gpu: int, *, moe_passes: int = 2,
+                        gpu: str = "H200") -> dict[str, Any]:
+    """What a one-GPU run with ``experts`` of the full model's routed experts stands for: one rank of the full
+    model under EP = E / ``experts`` with balanced routing (each expert receives as many tokens as routing this
+    GPU's tokens top-k over its ``experts`` gives it), and the expert-parallel all-to-all it leaves out, as the
+    bytes one GPU sends per step and a lower-bound time at ``gpu``'s NVLink one-way bandwidth
+    (:func:`ep_all_to_all_seconds`, no overlap with compute). The run-record fields both benchmarks write."""
+    ep = int(full_hf["num_experts"]) // experts
+    gbps = NVLINK_GBPS_ONE_WAY[gpu]
+    return {"emulated_ep": ep,
+            "a2a_bytes_per_step": ep_all_to_all_bytes(full_hf, tokens_per_gpu, ep, moe_passes=moe_passes),
+            "a2a_estimate_s": ep_all_to_all_seconds(full_hf, tokens_per_gpu, ep, gbps_one_way=gbps, moe_passes=moe_passes),
+            "a2a_assumed_gbps_one_way": gbps,
+            "emulation_leaves_out": "the EP all-to-all (estimated), NCCL launch latencies, load imbalance between ranks, "
+                                    "the data-parallel gradient reduction of the adapters"}

@@ -34,7 +34,7 @@ def test_synthetic_lora_run_record(tmp_path, base):
     assert len(rec["losses"]) == 3 and all(0 < x < 50 for x in rec["losses"])
     assert rec["tokens_per_s_per_gpu"] > 0 and rec["planned_peak_gib"] > 0
     assert f"({base})" in proc.stdout and "step 3/3" in proc.stdout
-    assert "emulates" not in rec  # the config's own experts
+    assert "emulated_ep" not in rec  # the config's own experts
 
 
 def test_synthetic_run_emulating_one_expert_parallel_rank(tmp_path):
@@ -53,8 +53,8 @@ def test_synthetic_run_emulating_one_expert_parallel_rank(tmp_path):
     assert json.loads((out / "model_config.json").read_text())["num_experts"] == 4  # what the planner read
     moe_layers = cfg["num_hidden_layers"]  # every layer of the tiny model is MoE
     want = 2 * 2 * 128 * 2 * cfg["hidden_size"] * 2 * 0.5 * moe_layers
-    assert rec["ep_all_to_all_bytes_per_step"] == want
-    assert abs(rec["ep_all_to_all_estimate_s"] - want / 450e9) < 1e-12
+    assert rec["a2a_bytes_per_step"] == want
+    assert abs(rec["a2a_estimate_s"] - want / 450e9) < 1e-12
     bad = subprocess.run(base + ["--experts", "3"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert bad.returncode == 2 and "--experts 3" in bad.stderr and "divisor of 8" in bad.stderr
     assert "Traceback" not in bad.stderr
