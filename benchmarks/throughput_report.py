@@ -21,7 +21,7 @@ def render(data: dict, out_dir: Path) -> None:
              f"Software: {env.get('software', '')}. bf16 matmul peak measured in this run: "
              f"{env['matmul_peak_tflops']:.0f} TFLOP/s ({env.get('matmul_shape', '')}); datasheet "
              f"{env.get('datasheet_peak_tflops') or 'n/a'} TFLOP/s.", "",
-             f"Per step: {env['gbs']} packed sequences of {env['seq']} tokens (micro-batch 1); means over steps "
+             f"Per step: {env['gbs']} packed sequences of {env['seq']} tokens (micro-batch {env.get('mbs', 1)}); means over steps "
              f"{env['warmup'] + 1}-{env['steps']}. TFLOP/s are model FLOPs (`qnext.throughput`; LoRA 2 passes, full 3; "
              "recompute not counted). Peak memory: max allocated per GPU in the timed steps (each step's own peak). Planner: `qnext.plan` for the same recipe, "
              "its tensors (peak less the 3 GiB context/NCCL/slack allowance) against the measured max allocated.", "",

@@ -7,7 +7,9 @@ Model: a Qwen3-Next with the real widths (hidden 2048, 512 experts, top-10, real
 vocabulary) and ``--layers`` layers (default 4: GDN, GDN, GDN, attention), random bf16 weights written
 by ``qnext.models.tiny`` and converted with ``make convert``'s code. ``--layers 48`` is the full
 Qwen3-Next-80B-A3B. Data: the bundled sample chats packed into ``--seq`` token sequences (4096), the
-same sequences for every approach; ``--gbs`` sequences per optimizer step (micro-batch 1).
+same sequences for every approach; ``--gbs`` sequences per optimizer step, ``--mbs`` of them per forward
+(micro-batch; default 1): the Megatron backend takes packed rows of one micro-batch as one ``thd`` row,
+the FSDP backend as one packed batch, the HF pipeline as a padded batch of causal rows.
 
 Per run (each in its own process, so an out-of-memory run is reported and the others go on):
 step time, tokens/s per GPU, model TFLOP/s per GPU (``qnext.throughput``: LoRA counts 2 passes, full
@@ -93,7 +95,7 @@ def common_overrides(args, model: dict[str, Path], mode: str) -> list[str]:
     return [f"model.hf_config={model['hf'] / 'config.json'}", f"train={mode}", "data=sample", f"data.path={args.data}",
             f"data.seq_length={args.seq}", "data.pack=true", "data.eval_prompts=null", "data.valid_fraction=0.01",
             f"train.steps={total_steps(args)}", "train.warmup_steps=1", f"train.lr={LR[mode]}", f"train.min_lr={LR[mode] / 10}",
-            f"train.global_batch_size={args.gbs}", "train.micro_batch_size=1", "train.save_every=0",
+            f"train.global_batch_size={args.gbs}", f"train.micro_batch_size={args.mbs}", "train.save_every=0",
             "train.eval_every=0", "train.eval_batches=1", "train.save_final=false", "logging.progress_bar=false", "overwrite=true",
             f"train.lora.r={LORA['r']}", f"train.lora.alpha={LORA['alpha']}"]
 
@@ -201,7 +203,7 @@ def run_backend(args, kind: str, overrides: list[str], out: Path, ngpu: int, tim
 
 def run_hf_worker(args, model, mode: str, out: Path, timeout: int) -> tuple[list[dict], dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-worker", mode, "--hf-dir", str(model["hf"]),
-           "--seq", str(args.seq), "--gbs", str(args.gbs), "--steps", str(args.steps + (1 if args.profile else 0)), "--run-out", str(out),
+           "--seq", str(args.seq), "--gbs", str(args.gbs), "--mbs", str(args.mbs), "--steps", str(args.steps + (1 if args.profile else 0)), "--run-out", str(out),
            "--data", str(args.data)]
     print(f"[bench] $ {' '.join(cmd[1:])}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,10 +239,12 @@ def ep_emulation(args, mode: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- HF pipeline
-def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path, data: Optional[Path] = None) -> int:
+def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path, data: Optional[Path] = None,
+              mbs: int = 1) -> int:
     """What users write when they fall back to transformers: ``device_map="auto"`` over the visible GPUs,
     PEFT LoRA (or every weight), gradient checkpointing, torch AdamW, a plain loop; the same packed
-    sequences as the backends (as one causal sequence each: transformers' SDPA has no packed mask)."""
+    sequences as the backends (as one causal sequence each: transformers' SDPA has no packed mask),
+    ``mbs`` of them per forward (right-padded to the longest, padding masked and unlabelled)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -285,15 +289,19 @@ def hf_worker(mode: str, hf_dir: Path, seq: int, gbs: int, steps: int, out: Path
             t0 = time.perf_counter()
             with StepProfile(step + 1, out, 0) as prof:
                 total, n_tok, lengths = 0.0, 0, []
-                for i in idx:
-                    s = train[i]
-                    ids = torch.tensor([s["input_ids"]], device=first)
-                    labels = torch.tensor([s["labels"]], device=first)
-                    loss = model(input_ids=ids, labels=labels).loss / gbs
+                for m in range(0, gbs, mbs):
+                    rows = [train[i] for i in idx[m:m + mbs]]
+                    longest = max(len(r["input_ids"]) for r in rows)
+                    pad = [longest - len(r["input_ids"]) for r in rows]
+                    ids = torch.tensor([r["input_ids"] + [0] * p for r, p in zip(rows, pad)], device=first)
+                    labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * p for r, p in zip(rows, pad)], device=first)
+                    mask = None if not any(pad) else torch.tensor(
+                        [[1] * len(r["input_ids"]) + [0] * p for r, p in zip(rows, pad)], device=first)
+                    loss = model(input_ids=ids, labels=labels, attention_mask=mask).loss * len(rows) / gbs
                     loss.backward()
                     total += float(loss.detach())
-                    n_tok += len(s["input_ids"])
-                    lengths.append(len(s["input_ids"]))
+                    n_tok += sum(len(r["input_ids"]) for r in rows)
+                    lengths += [len(r["input_ids"]) for r in rows]
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -355,6 +363,7 @@ def main() -> int:
                     help="one extra step per Megatron run under QNEXT_SYNC_CHECK: its host-device syncs go into the JSON")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--gbs", type=int, default=4, help="sequences per optimizer step")
+    ap.add_argument("--mbs", type=int, default=1, help="sequences per forward (micro-batch), every approach")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=16,
                     help="repeat the sample chats this many times so that the packed sequences are full")
@@ -374,7 +383,7 @@ def main() -> int:
     ap.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_worker:
-        return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out, args.data)
+        return hf_worker(args.hf_worker, args.hf_dir, args.seq, args.gbs, args.steps, args.run_out, args.data, args.mbs)
     if args.render:
         render(json.loads(args.render.read_text()), args.render.parent)
         return 0
@@ -386,6 +395,8 @@ def main() -> int:
         return 0
     if args.out is None:
         ap.error("--out is required")
+    if args.mbs < 1 or args.gbs % args.mbs:
+        ap.error(f"--gbs ({args.gbs}) must be a multiple of --mbs ({args.mbs})")
     if args.warmup >= args.steps:
         ap.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     wanted = [tuple(x.split(":", 1)) for x in args.only.split(",") if x] or [(a, m) for m in MODES for a in APPROACHES]
@@ -410,7 +421,7 @@ def main() -> int:
     env = {"date": time.strftime("%Y-%m-%d"), "gpu": name, "gpus": ngpu,
            "model": (f"Qwen3-Next real widths, {args.layers} layers" if args.layers != 48 else "Qwen3-Next-80B-A3B")
                     + (f", {args.experts} experts" if args.experts != 512 else ""),
-           "layers": args.layers, "experts": args.experts, "seq": args.seq, "gbs": args.gbs, "steps": args.steps, "warmup": args.warmup,
+           "layers": args.layers, "experts": args.experts, "seq": args.seq, "gbs": args.gbs, "mbs": args.mbs, "steps": args.steps, "warmup": args.warmup,
            "matmul_peak_tflops": peak["tflops"], "matmul_shape": peak["shape"], "datasheet_peak_tflops": peak_tflops(name),
            "software": f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
                        f"transformers {transformers.__version__}",
@@ -425,7 +436,7 @@ def main() -> int:
     for approach, mode in wanted:
         out = args.work / "runs" / f"{approach}_{mode}"
         row: dict[str, Any] = {"approach": approach, "mode": mode, "gpus": ngpu, "layers": args.layers,
-                               "experts": args.experts, "global_batch": args.gbs, "seq": args.seq,
+                               "experts": args.experts, "global_batch": args.gbs, "micro_batch": args.mbs, "seq": args.seq,
                                "base_dtype": args.base_dtype if (approach, mode) == ("megatron", "lora") else "bf16",
                                "synthetic_weights": False}
         if approach == "hf":

@@ -284,3 +284,60 @@ def test_folded_token_scale_gives_megatrons_per_token_gradients(model_and_data, 
     assert set(differ) <= unstable, sorted(set(differ) - unstable)[:5]
     for k in differ:
         assert float((folded[k] - reference[k]).norm() / reference[k].norm()) < 1e-6, k
+
+
+def test_two_packed_rows_in_one_micro_batch_equal_two_micro_batches(model_and_data):
+    """train.micro_batch_size=2 with data.pack: the rows go as ONE thd row of 2 * seq_length tokens (one
+    forward, half the launches). The loss sum, its token count and every gradient equal those of the two
+    rows as separate micro-batches: no attention, RoPE position or loss crosses the row boundary. An
+    attention-only model: megatron's torch Gated DeltaNet (the CPU path) refuses packed rows; fla's, which
+    takes the same cu_seqlens, is checked on GPUs (tests/gpu)."""
+    from qnext.megatron.data import forward_step, megatron_batch
+    from qnext.megatron.parallel import construction_device
+
+    _, samples, pad_id, _, cfg = model_and_data
+    n = cfg["num_hidden_layers"]
+    # no load-balancing loss: it is a function of each micro-batch's routing statistics (megatron computes it
+    # per micro-batch), so its gradient legitimately depends on how tokens are grouped into micro-batches
+    attn_cfg = {**cfg, "layer_types": ["full_attention"] * n, "full_attention_interval": 1, "router_aux_loss_coef": 0.0}
+    with construction_device("cpu"):
+        from qnext.megatron.model import build_model
+        from qnext.megatron.parallel import CPU_BUILD_OVERRIDES
+
+        torch.manual_seed(0)
+        model = build_model(attn_cfg, None, torch.float32, use_te=False,
+                            config_overrides={**CPU_BUILD_OVERRIDES, "calculate_per_token_loss": True})
+    with torch.no_grad():  # the CPU build leaves weights uninitialised
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    # two packed rows of two chats each (a chat boundary inside each row and one between the rows)
+    ids = [t for s in samples for t in s["input_ids"]] * 2  # the fixture keeps 4 short chats
+    assert len(ids) >= 180
+    rows = [{"input_ids": ids[o:o + 90], "position_ids": list(range(40)) + list(range(50)), "seq_lens": [40, 50],
+             "labels": [t if i % 3 else -100 for i, t in enumerate(ids[o:o + 90])]}  # labelled on both sides
+            for o in (0, 90)]
+
+    def run(batches):
+        model.zero_grad(set_to_none=True)
+        total, count = 0.0, 0
+        with construction_device("cpu"):
+            for b in batches:
+                output, loss_fn = forward_step(iter([b]), model)
+                loss, cnt, _ = loss_fn(output)
+                loss.backward()
+                total, count = total + float(loss), count + int(cnt)
+        return total, count, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    together = megatron_batch(rows, pad_id, SEQ, pack=True)
+    assert together["tokens"].shape == (1, 2 * SEQ)
+    assert together["cu_seqlens"].tolist() == [0, 40, 90, SEQ, SEQ + 40, SEQ + 90, 2 * SEQ]
+    s2, c2, g2 = run([together])
+    s1, c1, g1 = run([megatron_batch([r], pad_id, SEQ, pack=True) for r in rows])
+    print(f"packed rows: one micro-batch {s2:.6f} over {c2}; two micro-batches {s1:.6f} over {c1}")
+    assert c2 == c1 > 0
+    assert s2 == pytest.approx(s1, rel=1e-5)
+    assert g2.keys() == g1.keys() and len(g1) > 10
+    rel = {k: float((g2[k] - g1[k]).norm() / g1[k].norm().clamp_min(1e-30)) for k in g1}
+    worst = max(rel, key=rel.get)
+    print(f"largest gradient difference (relative L2): {rel[worst]:.2e} in {worst}")
+    assert rel[worst] < 1e-5, (worst, rel[worst])

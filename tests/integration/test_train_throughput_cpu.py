@@ -34,12 +34,19 @@ def test_hf_worker_trains_profiles_one_extra_step_and_its_records_summarize(tmp_
     assert data.read_text().splitlines() == [ln for ln in sample if ln.strip()] * 2
     assert info["mean_fill"] > 0.9 and info["train_sequences"] > 10
     # small: a CPU backward of this model takes ~10 s
-    args = SimpleNamespace(seq=64, gbs=1, steps=2, data=data, profile=True)
+    args = SimpleNamespace(seq=64, gbs=2, mbs=2, steps=2, data=data, profile=True)  # two rows in one forward
     out = tmp_path / "runs/hf_lora"
     recs, info = tt.run_hf_worker(args, {"hf": hf}, "lora", out, timeout=600)
     assert "error" not in info, info.get("log_tail")
     assert Path(info["log"]).read_text().count("[hf] step") == 3
     assert [r["step"] for r in recs] == [1, 2, 3] and [r.get("profiled") for r in recs] == [None, None, 1]
+    from qnext.data.dataset import build_datasets
+    from qnext.data.tokenizer import load_tokenizer
+
+    train, _, _ = build_datasets(data, load_tokenizer(None), 64, pack=True, valid_fraction=0.01)
+    rows = [len(train[i]["input_ids"]) for i in range(6)]
+    assert [round(r["tokens_per_s"] * r["step_time_s"]) for r in recs] == [rows[0] + rows[1], rows[2] + rows[3],
+                                                                         rows[4] + rows[5]]
     for r in recs:
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0 and r["tflops_per_device"] > 0
     table = (out / "profile_step3_rank0.txt").read_text()

@@ -53,8 +53,17 @@ def test_packed_chats_never_score_across_the_boundary():
     assert b["cu_seqlens"].tolist() == [0, 3, 7, 10] and b["max_seqlen"] == 4
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2]]
     assert b["chat_lengths"] == [3, 4]
-    with pytest.raises(ValueError, match="one row"):
-        megatron_batch([s, s], PAD, 10, pack=True)
+    # two packed rows: one thd row, the second row's chats and padding after the first's
+    two = megatron_batch([s, s], PAD, 10, pack=True)
+    assert two["tokens"].shape == (1, 20) and two["cu_seqlens"].tolist() == [0, 3, 7, 10, 13, 17, 20]
+    assert two["loss_mask"].tolist() == [[1, 1, 0, 0, 1, 1, 0, 0, 0, 0] * 2]
+    assert two["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2] * 2]
+    assert two["chat_lengths"] == [3, 4, 3, 4]
+    # a held-out round padded with -1 (no loss): only that row's half of the thd row is masked
+    from qnext.megatron.data import eval_micro_batch
+
+    ev = eval_micro_batch([s], [0, -1], PAD, 10, pack=True)
+    assert ev["loss_mask"].tolist() == [[1, 1, 0, 0, 1, 1, 0, 0, 0, 0] + [0] * 10]
     with pytest.raises(ValueError, match="more than seq_length"):
         megatron_batch([s], PAD, 6, pack=True)
 

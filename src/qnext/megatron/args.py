@@ -60,9 +60,6 @@ def check_megatron_recipe(cfg: RecipeConfig) -> list[str]:
     if p.backend != "megatron":
         problems.append(f"parallel.backend={p.backend}: this is the Megatron backend (use parallel=8xh100, "
                         "parallel=4x8 or parallel=1gpu, or scripts/run-fsdp.sh for the FSDP backend)")
-    if d.pack and t.micro_batch_size != 1:
-        problems.append(f"data.pack=true needs train.micro_batch_size=1 (got {t.micro_batch_size}): a packed "
-                        "sequence is one row of data.seq_length tokens; raise data.seq_length for bigger micro-batches")
     if p.cp > 1:
         problems.append(f"parallel.cp={p.cp}: context parallelism is not wired into the Megatron training entry "
                         "(batches are not split over cp ranks); set parallel.cp=1")

@@ -4,9 +4,12 @@
   ``seq_length`` (pipeline stages exchange fixed-shape activations). Megatron's loss at position t
   scores the prediction of token t+1, so ``labels``/``loss_mask`` are our unshifted labels moved one
   left: ``loss_mask[t] = 1`` exactly where ``labels[t+1]`` is labelled (an assistant token) and t+1
-  is not the first token of another packed chat. Packed rows (``data.pack``, one row per micro-batch)
-  go as Megatron's ``thd`` format: ``cu_seqlens`` keeps attention, the Gated DeltaNet state and RoPE
-  positions inside each chat.
+  is not the first token of another packed chat. Packed rows (``data.pack``) go as Megatron's ``thd``
+  format: ``cu_seqlens`` keeps attention, the Gated DeltaNet state and RoPE positions inside each chat.
+  A micro-batch of several packed rows is one ``thd`` row of ``micro_batch_size * seq_length`` tokens
+  (the rows one after another, each row's padding tail its own segment): one forward over twice the
+  tokens instead of two, which halves the kernel launches and Python work per token of a step whose
+  host, not its GPU, sets the pace (``packed_shape``).
 - ``MicroBatches``: the deterministic global-batch order of ``qnext.fsdp.sampler`` (the same data
   order for any number of data-parallel ranks; the position is the step count, so resuming needs
   nothing else), cut into this data-parallel rank's micro-batches.
@@ -49,13 +52,19 @@ def megatron_batch(samples: Sequence[dict], pad_id: int, seq_length: int, pack: 
         "padding_mask": b["attention_mask"] == 0,
         "chat_lengths": [n for s in samples for n in _as_list(s.get("seq_lens", [len(s["input_ids"])]))],
     }
-    if pack:
-        if ids.shape[0] != 1:
-            raise ValueError("packed micro-batches hold one row (train.micro_batch_size=1)")
+    if pack:  # rows one after another in one thd row; collate's cu_seqlens already index that stream
+        for k in ("tokens", "labels", "loss_mask", "position_ids", "padding_mask"):
+            out[k] = out[k].reshape(1, -1)
         out["cu_seqlens"] = b["cu_seqlens"]
         out["cu_seqlens_host"] = b["cu_seqlens"].clone()  # stays on the host: fla's chunk tables without a sync
         out["max_seqlen"] = int(b["max_seqlen"])
     return out
+
+
+def packed_shape(seq_length: int, micro_batch_size: int, pack: bool) -> tuple[int, int]:
+    """(sequence length, rows) of the activations megatron's schedules exchange for one micro-batch: packed
+    rows travel as one row of ``micro_batch_size * seq_length`` tokens."""
+    return (seq_length * micro_batch_size, 1) if pack else (seq_length, micro_batch_size)
 
 
 def _as_list(x) -> list[int]:
@@ -105,9 +114,10 @@ def eval_batches(samples: Sequence[dict], micro_batch: int, dp_size: int, dp_ran
 def eval_micro_batch(samples: Sequence[dict], ix: list[int], pad_id: int, seq_length: int, pack: bool) -> dict[str, Any]:
     """Like ``megatron_batch``; index -1 (padding a short last round) contributes no loss."""
     batch = megatron_batch([samples[max(i, 0)] for i in ix], pad_id, seq_length, pack)
+    mask = batch["loss_mask"].view(len(ix), seq_length)  # packed rows were concatenated: view them apart again
     for row, i in enumerate(ix):
         if i < 0:
-            batch["loss_mask"][row] = 0.0
+            mask[row] = 0.0
     return batch
 
 

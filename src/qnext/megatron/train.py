@@ -19,16 +19,13 @@ Built from ``megatron.training``'s pieces, in this order:
    ``--save-interval``; every log step writes the same metrics record as the FSDP backend
    (``metrics.jsonl``; TensorBoard/wandb through megatron's writers) with MFU added.
 
-megatron.training cannot run a step on CPU (gloo), even with its ``allow_no_cuda``: checked with
-megatron-core 0.19.2, the calls that need CUDA are, in order, ``initialize_megatron``'s
-``assert torch.cuda.is_available()``; ``_initialize_distributed``, which without a GPU skips creating
-the model-parallel groups; the MoE aux-loss scale ``torch.ones(1, device=torch.cuda.current_device())``;
-Gated DeltaNet's parameters allocated on ``torch.cuda.current_device()`` and the CUDA RNG tracker used
-to initialise them; ``get_model``'s ``model.cuda(...)`` and its ``torch.cuda.Stream()`` for the DDP
-wrap; RoPE's ``torch.cuda.current_device()`` at forward; the pipeline schedule's token counter
-(``torch.zeros(..., device="cuda")``); and ``dist_checkpointing.save``'s CUDA synchronisation. So on a
-CPU-only machine this entry stops with a clear error before any process group; CPU training is the
-FSDP backend (``scripts/run-fsdp.sh``). The forward step and loss are tested on CPU directly.
+megatron.training cannot run a step on CPU (gloo), even with ``allow_no_cuda`` (megatron-core 0.19.2):
+``initialize_megatron`` asserts CUDA and skips the model-parallel groups without a GPU; the MoE aux-loss
+scale, Gated DeltaNet's parameters and RoPE's forward use ``torch.cuda.current_device()``; ``get_model``
+calls ``model.cuda(...)`` and makes a ``torch.cuda.Stream()``; the schedule's token counter is allocated
+with ``device="cuda"``; ``dist_checkpointing.save`` synchronises CUDA. So without a GPU this entry stops
+with a clear error before any process group (CPU training: ``scripts/run-fsdp.sh``); the forward step
+and loss are tested on CPU directly.
 """
 from __future__ import annotations
 
@@ -49,6 +46,7 @@ from ..errors import UserError, cli_main
 from .checkpoint import checkpoint_bytes, disk_check, should_save
 from .compat.adam_resume import adam_state_report, load_with_adam_state, use_fused_adam
 from .compat.initialize import initialize_megatron_without_dataset_helpers
+from .data import packed_shape
 from .writers import defer_writers, open_writers
 from .prepare import Prepared, prepare
 from .provider import model_provider
@@ -93,6 +91,8 @@ class MegatronRun:
         self._writer_args = defer_writers(args)  # opened once output_dir is prepared (qnext.megatron.writers)
         set_global_variables(args, build_tokenizer=False)
         initialize_megatron_without_dataset_helpers(args)
+        # packed rows of a micro-batch go as one thd row (the micro-batch count was fixed from the recipe above)
+        args.seq_length, args.micro_batch_size = packed_shape(args.seq_length, args.micro_batch_size, self.cfg.data.pack)
         self.args = args
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.is_logger = self.rank == self.world - 1  # last pipeline stage; megatron's writers live there
@@ -364,8 +364,8 @@ class MegatronRun:
                 batch = to_device(eval_micro_batch(self.valid_set, ix, self.pad_id, d.seq_length, d.pack), self.device)
                 losses = self.forward_backward(
                     forward_step_func=forward_step, data_iterator=iter([batch]), model=self.model,
-                    num_microbatches=1, seq_length=d.seq_length, micro_batch_size=t.micro_batch_size,
-                    forward_only=True)
+                    num_microbatches=1, seq_length=self.args.seq_length,
+                    micro_batch_size=self.args.micro_batch_size, forward_only=True)
                 rep = reduce_report(losses)
                 if rep is not None:
                     total += rep.float()
