@@ -145,6 +145,9 @@ def summarize_steps(recs: list[dict], warmup: int, ngpu: int, peak_measured: Opt
     tflops = mean("tflops_per_device")
     return {"steps_timed": len(steps), "step_time_s": mean("step_time_s"),
             "tokens_per_s_per_gpu": mean("tokens_per_s") / ngpu, "tflops_per_gpu": tflops,
+            # robust to a few slow steps (first-time Triton autotuning for a new shape): the median step's rate
+            "step_time_median_s": statistics.median(r["step_time_s"] for r in steps),
+            "tokens_per_s_median_per_gpu": statistics.median(r["tokens_per_s"] for r in steps) / ngpu,
             "mfu_measured_peak": tflops / peak_measured if peak_measured else None,
             # steady state: the timed steps' own peaks (each step starts a new window); the first steps'
             # (model build, Triton autotuning) are kept apart
