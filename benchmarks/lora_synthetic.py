@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--data", type=Path, default=REPO / "data/sample/chats.jsonl")
+    ap.add_argument("--repeat", type=int, default=16, help="the chats this many times over (full packed rows)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--profile", action="store_true",
                     help="one extra step under torch.profiler, left out of the means: <out>/profile_step<N>_rank0.txt")
@@ -169,8 +170,16 @@ def main(argv=None) -> int:
 
     tok = load_tokenizer(None)
     pack = not cpu  # megatron's CPU (deterministic) GDN path takes no packed rows: one chat per row there
-    train, _, _ = build_datasets(args.data, tok, args.seq, pack=pack, valid_fraction=0.0)
+    data = args.data
+    if pack and args.repeat > 1:  # the chats repeated, so that (nearly) every packed row is full at any --seq
+        args.out.mkdir(parents=True, exist_ok=True)
+        lines = [ln for ln in args.data.read_text().splitlines() if ln.strip()]
+        data = args.out / f"chats_x{args.repeat}.jsonl"
+        atomic_write_text(data, "\n".join(lines * args.repeat) + "\n")
+    train, _, _ = build_datasets(data, tok, args.seq, pack=pack, valid_fraction=0.0)
     train = [s for s in train if len(s["input_ids"]) > args.seq // 2] or train  # full rows only (packs fill)
+    fill = sum(len(s["input_ids"]) for s in train) / (len(train) * args.seq)
+    print(f"[synthetic] data: {len(train)} rows of up to {args.seq} tokens, {100 * fill:.1f}% filled", flush=True)
     pad = int(tok.pad_token_id) % int(hf["vocab_size"])
 
     cfg = load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={args.model}", f"data.seq_length={args.seq}",
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
         "what": "LoRA steps with synthetic (random) base weights; real sample chats, packed",
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if not cpu else "cpu",
         "layers": int(hf["num_hidden_layers"]), "experts": int(hf.get("num_experts") or 0), "gpus": 1,
-        "hidden": int(hf["hidden_size"]), "seq": args.seq, "lora_r": args.lora_r, "base_dtype": args.base_dtype,
+        "hidden": int(hf["hidden_size"]), "seq": args.seq, "row_fill": round(fill, 4), "lora_r": args.lora_r, "base_dtype": args.base_dtype,
         "synthetic_weights": True, "steps": args.steps, "warmup": args.warmup,
         "tokens_per_s_per_gpu": tps, "tflops_per_gpu": tflops,
         "mfu": mfu(tflops, torch.cuda.get_device_name(device)) if not cpu else None,
