@@ -134,8 +134,10 @@ def lora_params_per_layer(hf: Mapping[str, Any], cfg: RecipeConfig) -> list[int]
     return out
 
 
-def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute: str) -> int:
-    """bf16 bytes kept for the backward pass per token in one decoder layer (estimate)."""
+def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute: str, frozen_experts: bool = False) -> int:
+    """bf16 bytes kept for the backward pass per token in one decoder layer (estimate). ``frozen_experts``
+    (LoRA without expert adapters): autograd keeps a matmul's input only for its weight's gradient, so the
+    routed experts' dispatched tokens and fc2 inputs are not kept (SwiGLU keeps its fc1 output)."""
     h = int(hf["hidden_size"])
     topk, f = int(hf.get("num_experts_per_tok", 0)), int(hf.get("moe_intermediate_size", 0))
     fs, experts = int(hf.get("shared_expert_intermediate_size", 0)), int(hf.get("num_experts", 0))
@@ -155,8 +157,10 @@ def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute
         b += 2 * (2 * hk * dk + hv * dv) * 2  # conv input and output
         b += 2 * hv * dv * 3  # chunked rule output, gated-norm input and output (out_proj input)
     moe = 4 * experts + topk * 2 * (h + 3 * f) + 2 * (3 * fs)  # router logits (fp32), dispatched tokens, FFNs
-    if recompute == "experts_act":
-        moe -= topk * 2 * f  # the routed experts' activation output (fc2's input) is recomputed
+    if recompute == "experts_act" or frozen_experts:
+        moe -= topk * 2 * f  # the routed experts' activation output (fc2's input): recomputed, or not kept
+    if frozen_experts:
+        moe -= topk * 2 * h  # the dispatched tokens (fc1's input)
     b += 0 if recompute == "selective" else moe
     return b
 
@@ -259,11 +263,17 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
         n_lora = sum(lora_layer[i] for i in idx) / tp
         inflight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp))) if pp > 1 else 1
         tokens = t.micro_batch_size * d.seq_length / (cp * (tp if p.sequence_parallel else 1))
-        act = sum(activation_bytes_per_token(hf, types[i], p.recompute) for i in idx) * tokens * inflight
-        act += one_layer_bf16 + scratch  # the dequantized weights of the layer being computed
+        act = sum(activation_bytes_per_token(hf, types[i], p.recompute, frozen_experts=lora and not t.lora.experts)
+                  for i in idx) * tokens * inflight
+        logits = 0.0
         if stage == pp - 1:
-            # the bf16 logits and megatron's fp32 copy (vocab-parallel cross entropy), alive together
-            act += t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * (2 + 4)
+            # the bf16 logits and, with the vocabulary split over TP ranks, megatron's fp32 copy (vocab-parallel
+            # cross entropy); on one TP rank fla's fused loss (qnext.megatron.lm_loss, the default) keeps the
+            # logits and their bf16 gradient. Measured on one H200 (4-layer proxy and 48 layers, 8192 tokens)
+            logits = t.micro_batch_size * d.seq_length / cp * int(hf["vocab_size"]) / tp * (2 + (4 if tp > 1 else 2))
+        # the dequantized weights of the layer being computed: never alive with the loss's tensors (the peak
+        # with every layer's activations), so they add only what they exceed those by (FP8/NF4 proxy, 1 H200)
+        act += max(logits, one_layer_bf16 + scratch)
         weights = 2 * dense + expert_bytes * expert
         opt_full = 12 * (dense / dp + expert / edp)
         host_full = 16 * (dense / dp + expert / edp)  # with CPU offload: main weights, moments, grads
