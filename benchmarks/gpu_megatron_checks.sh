@@ -7,7 +7,7 @@
 #   4. packed attention + RoPE variants: their GPU test, then timed side by side (benchmarks/packed_attention.py, ~2 min)
 #   5. one training step at every layout the GPUs allow against one GPU (benchmarks/grad_layouts.py;
 #      needs 2 GPUs for TP2/EP2/ETP2/PP2 and 4 for TP2xEP2; ~3 min)
-#   6. the fast paths (fla-native GDN, now default; QNEXT_FUSED=1, opt-in) against their references, and the
+#   6. the fast paths (fla-native GDN, compiled norms/SwiGLU: both default) against their references, and the
 #      host-sync check of a LoRA and a full step (~4 min, mostly Triton autotuning)
 #   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline and the FSDP backend, 30
 #      steps, with a profiled and a sync-checked step (~4 min with a warm cache)
@@ -20,6 +20,8 @@
 #      it leaves out (benchmarks/lora_synthetic.py --experts 64; ~3 min)
 #  11. step 7's Megatron and HF LoRA runs again with the compiled ops off (QNEXT_FUSED=0), to set against
 #      step 7: what compiling costs and buys in a host-bound step (~2 min)
+#  12. issue 14's side-by-side runs: LoRA with 2 packed rows per micro-batch (all three approaches, 30 steps, a
+#      profiled and a sync-checked step), then full training at 16 sequences per step (Megatron and HF; ~5 min)
 # Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
 # record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
@@ -100,6 +102,13 @@ if want 11; then
   step "LoRA throughput without the compiled ops (writes $out/throughput_unfused)"
   QNEXT_FUSED=0 timed "$py" benchmarks/train_throughput.py --out "$out/throughput_unfused" --only megatron:lora,hf:lora \
     --steps 30 --warmup 3 --gbs 2 --timeout 300 --profile 2>&1 | tee "$out/throughput_unfused.log" | grep "^\[bench\]"
+fi
+if want 12; then
+  step "LoRA, 2 rows per micro-batch (writes $out/lora_mbs2), then full at --gbs 16 (writes $out/full_gbs16)"
+  timed "$py" benchmarks/train_throughput.py --out "$out/lora_mbs2" --only megatron:lora,hf:lora,fsdp:lora --gbs 2 --mbs 2 \
+    --steps 30 --warmup 3 --profile --sync-check --timeout 200 2>&1 | tee "$out/lora_mbs2.log" | grep "^\[bench\]"
+  timed "$py" benchmarks/train_throughput.py --out "$out/full_gbs16" --only megatron:full,hf:full --gbs 16 --mbs 2 \
+    --steps 8 --warmup 3 --timeout 170 2>&1 | tee "$out/full_gbs16.log" | grep "^\[bench\]"
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"

@@ -1,6 +1,6 @@
 """The compiled (fused) elementwise ops of ``qnext.megatron.fused`` against their plain references,
 values and gradients, on the CPU (inductor compiles C++ here; on a GPU it writes Triton from the same
-graph). Also: CPU tensors and the default take the references; ``QNEXT_FUSED=1`` the compiled forms on CUDA."""
+graph). Also: CPU tensors and ``QNEXT_FUSED=0`` take the references; CUDA tensors the compiled forms by default."""
 from __future__ import annotations
 
 import pytest
@@ -67,7 +67,7 @@ def test_cpu_and_switch_take_the_reference(monkeypatch):
     with torch.no_grad():  # held-out evaluation: the reference (no extra graphs for the other grad mode)
         assert not fused._use_compiled(cuda_like)
     monkeypatch.delenv("QNEXT_FUSED")
-    assert not fused._use_compiled(cuda_like)  # opt-in until checked in a GPU training step
+    assert fused._use_compiled(cuda_like)  # on by default (timed on and off on an H200)
 
 
 def test_every_norm_variant_of_a_model_gets_its_graph():
@@ -123,8 +123,11 @@ def test_native_fused_cross_entropy_equals_megatrons_unfused_one(monkeypatch):
     assert torch.allclose(out["fused"][0], want, rtol=1e-5, atol=1e-5)
 
     tiny = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "models/tiny_qwen3_next/config.json")
-    monkeypatch.setenv("QNEXT_FUSED", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine's config
+    monkeypatch.delenv("QNEXT_FUSED", raising=False)
     cfg = hf_to_transformer_config(tiny, None, torch.float32).config
     assert cfg.cross_entropy_loss_fusion and cfg.cross_entropy_fusion_impl == "native"
-    monkeypatch.delenv("QNEXT_FUSED")
+    monkeypatch.setenv("QNEXT_FUSED", "0")
+    assert not hf_to_transformer_config(tiny, None, torch.float32).config.cross_entropy_loss_fusion
+    monkeypatch.undo()  # a CPU-only machine: megatron's unfused loss (compiling it on CPU costs more than it saves)
     assert not hf_to_transformer_config(tiny, None, torch.float32).config.cross_entropy_loss_fusion

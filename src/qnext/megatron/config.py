@@ -268,8 +268,10 @@ def hf_to_transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        # megatron's own fused cross-entropy (torch.compile'd pieces, no TE) with QNEXT_FUSED=1 (opt-in, fused.py)
-        cross_entropy_loss_fusion=not use_te and fused_enabled(),
+        # megatron's own fused cross-entropy (torch.compile'd pieces, no TE) under QNEXT_FUSED (fused.py) on GPU
+        # machines (on CPU its compiling would cost more than it saves); it serves a vocabulary split over TP
+        # ranks: with the whole vocabulary on one GPU fla's loss takes over (lm_loss.py)
+        cross_entropy_loss_fusion=not use_te and fused_enabled() and torch.cuda.is_available(),
         cross_entropy_fusion_impl="native",
     )
     if any_moe:
