@@ -51,7 +51,7 @@ def render(data: dict, out_dir: Path) -> None:
         mg = next((r for r in rows if r["approach"] == "megatron" and r["mode"] == mode and "tokens_per_s_per_gpu" in r
                    and r.get("base_dtype", "bf16") == "bf16"), None)  # the ratio and plan checks: the bf16 base
         hf = next((r for r in rows if r["approach"] == "hf" and r["mode"] == mode and "tokens_per_s_per_gpu" in r), None)
-        for ours, want in ((mg, TARGET_RATIO[mode]), (fs(rows, mode) if mode == "lora" else None, 1.0)):
+        for ours, want in ((mg, TARGET_RATIO[mode]), (_fsdp_row(rows, mode) if mode == "lora" else None, 1.0)):
             if ours and hf:  # met only when both the means and the median steps say so
                 ratio = ours["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"]
                 med = _median_ratio(ours, hf)
@@ -117,7 +117,7 @@ def render(data: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "train_throughput.png", dpi=110)
 
 
-def fs(rows: list[dict], mode: str) -> dict | None:
+def _fsdp_row(rows: list[dict], mode: str) -> dict | None:
     return next((r for r in rows if r["approach"] == "fsdp" and r["mode"] == mode and "tokens_per_s_per_gpu" in r), None)
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 100
     global_batch_size: int = 8  # sequences per optimizer step, summed over data-parallel ranks
-    micro_batch_size: int = 1  # sequences per forward/backward on one rank
+    micro_batch_size: int = 1  # sequences per forward/backward on one rank (Megatron, packed: one thd row of them all)
     lr: float = 2e-4
     min_lr: float = 2e-5
     warmup_steps: int = 10
