@@ -51,7 +51,7 @@ doctor: ## versions, known-bad table, fast kernel parity (<60 s), NCCL all-reduc
 
 .PHONY: bench-kernels
 bench-kernels: ## time + parity tables for attention, MoE experts, GDN (GPU); writes benchmarks/results/
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_suites.py
 
 .PHONY: convert
 convert: ## HF checkpoint -> Megatron torch_dist on CPU: make convert HF=<hf dir> OUT=<dir> [ARGS="--dtype bf16 --format slime --overwrite"]

@@ -24,7 +24,7 @@ timed mk patch 2>&1 | tee -a "$log"
 step "make doctor"
 timed mk doctor 2>&1 | tee "$out/doctor-$kind.txt" | tee -a "$log" | tail -3
 step "kernel benchmarks"
-timed "$py" benchmarks/kernels.py --out "$out" 2>&1 | grep -v '^{' | tee -a "$log" | tail -40
+timed "$py" benchmarks/kernel_suites.py --out "$out" 2>&1 | grep -v '^{' | tee -a "$log" | tail -40
 step "full parity suite"
 timed "$py" -m qnext.kernels --suite full --json "$out/parity-full-$kind.json" --md "$out/parity-full-$kind.md" 2>&1 \
   | tee -a "$log" | grep -E 'FAIL|parity suite|exit' | tail -20

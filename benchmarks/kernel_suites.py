@@ -1,6 +1,6 @@
 """Kernel benchmarks at Qwen3-Next shapes: forward/backward time, peak memory and parity per config.
 
-    python benchmarks/kernels.py [--out benchmarks/results] [--quick]      (make bench-kernels)
+    python benchmarks/kernel_suites.py [--out benchmarks/results] [--quick]      (make bench-kernels)
 
 Attention (eager, SDPA, flex), MoE experts (sequential loop, grouped GEMM) and Gated DeltaNet (fla's
 Triton kernels, this repository's chunked PyTorch form in float32). Times are medians of
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench-kernels needs a CUDA GPU", file=sys.stderr)
         return 2
-    command = "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/kernel_suites.py" + (" --quick" if args.quick else "")
     # the one-size configs of every kernel first, then the long/packed ones: results are written after
     # each config, so a run stopped early still leaves a table of what it measured
     jobs = [(bench_attention, (4096, None)), (bench_moe, (4096, 64)), (bench_gdn, (GDNCase(4096),))]
