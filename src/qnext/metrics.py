@@ -84,6 +84,19 @@ def profile_step_wanted(step: int) -> bool:
         raise UserError(f"{PROFILE_ENV}={raw!r} is not a step number", hint=f"e.g. {PROFILE_ENV}=4 (a step after the warm-up)") from None
 
 
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+def host_device_summary(avg) -> str:
+    """One line: the profiled step's host time (self CPU, all operators), device time (self CUDA) and kernel
+    launches, so that a host-bound step (host > device) shows at a glance."""
+    host = sum(e.self_cpu_time_total for e in avg) / 1e3
+    device = sum(getattr(e, "self_device_time_total", 0.0) for e in avg) / 1e3
+    launches = sum(e.count for e in avg if e.key in LAUNCHES)
+    return (f"host (self CPU) total {host:.1f} ms, device (self CUDA) total {device:.1f} ms, "
+            f"kernel launches {launches} (profiler overhead included)")
+
+
 class StepProfile:
     """``with StepProfile(step, out_dir, rank):`` around one training step: when ``QNEXT_PROFILE_STEP``
     names this step, the step runs under ``torch.profiler`` (CPU + CUDA activity, memory) and
@@ -116,11 +129,14 @@ class StepProfile:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         avg = self._prof.key_averages()
         text = (f"# profile of step {self.step}, rank {self.rank} ({PROFILE_ENV}={self.step})\n\n"
+                f"{host_device_summary(avg)}\n\n"
                 f"## by total {dev} time\n{avg.table(sort_by=f'{dev}_time_total', row_limit=40)}\n\n"
                 f"## by self {dev} time (time in the operator's own kernels, not its children's)\n"
                 f"{avg.table(sort_by=f'self_{dev}_time_total', row_limit=40)}\n\n"
                 f"## by {dev} memory allocated in the operator itself\n"
                 f"{avg.table(sort_by=f'self_{dev}_memory_usage', row_limit=25)}\n")
+        if dev == "cuda":  # a host-bound step: where the host's time goes
+            text += f"\n## by self host (CPU) time\n{avg.table(sort_by='self_cpu_time_total', row_limit=40)}\n"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / f"profile_step{self.step}_rank{self.rank}.txt"
         atomic_write_text(self.path, text)

@@ -51,6 +51,11 @@ def test_hf_worker_trains_profiles_one_extra_step_and_its_records_summarize(tmp_
         assert math.isfinite(r["loss"]) and r["loss"] > 0 and r["step_time_s"] > 0 and r["tflops_per_device"] > 0
     table = (out / "profile_step3_rank0.txt").read_text()
     assert "by total cpu time" in table and "aten::" in table
+    import re
+
+    host = float(re.search(r"host \(self CPU\) total ([\d.]+) ms", table).group(1))
+    tot = re.search(r"Self CPU time total: ([\d.]+)(ms|s)", table)
+    assert host == pytest.approx(float(tot.group(1)) * (1000 if tot.group(2) == "s" else 1), rel=0.01, abs=0.1)
     row = tt.summarize_steps(recs, warmup=1, ngpu=1, peak_measured=100.0)
     assert row["steps_timed"] == 1 and row["step_time_s"] == recs[1]["step_time_s"]  # the profiled step is left out
     assert abs(row["mfu_measured_peak"] - row["tflops_per_gpu"] / 100.0) < 1e-12
@@ -135,3 +140,17 @@ def test_ep_emulation_row_says_what_it_leaves_out(tmp_path):
     assert "one EP8 rank of the full model emulated" in md and "leaves out the EP all-to-all" in md
     expect = 8192.0 / (1.0 + em["a2a_estimate_s"])
     assert f"{expect:,.0f} tokens/s/GPU with it added" in md
+
+
+def test_profile_summary_counts_kernel_launches_and_device_time():
+    """The summary line of a profiled step (qnext.metrics.host_device_summary) on the profiler's averages:
+    launches of every CUDA launch API, self device time; here on stand-ins for a CUDA profile's rows."""
+    from types import SimpleNamespace as Row
+
+    from qnext.metrics import host_device_summary
+
+    rows = [Row(key="cudaLaunchKernel", count=7, self_cpu_time_total=70.0, self_device_time_total=0.0),
+            Row(key="cuLaunchKernelEx", count=3, self_cpu_time_total=30.0, self_device_time_total=0.0),
+            Row(key="aten::mm", count=2, self_cpu_time_total=900.0, self_device_time_total=2500.0)]
+    assert host_device_summary(rows) == ("host (self CPU) total 1.0 ms, device (self CUDA) total 2.5 ms, "
+                                         "kernel launches 10 (profiler overhead included)")
