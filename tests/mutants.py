@@ -67,6 +67,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/unit/test_megatron_train_pieces.py::test_packed_chats_never_score_across_the_boundary",),
     ),
     Mutation(
+        "packed_eval_pad_masks_wrong_row", "Megatron: a held-out round's padding row of a packed micro-batch keeps "
+        "its loss (the mask indexed as if rows were not concatenated)",
+        "src/qnext/megatron/data.py",
+        (('    mask = batch["loss_mask"].view(len(ix), seq_length)', '    mask = batch["loss_mask"]'),),
+        ("tests/unit/test_megatron_train_pieces.py::test_packed_chats_never_score_across_the_boundary",),
+    ),
+    Mutation(
         "unshifted_labels_fsdp", "FSDP: the loss scores position t against token t instead of t+1",
         "src/qnext/fsdp/model.py",
         (("        target = labels[:, 1:]\n", "        target = labels[:, :-1]\n"),),
