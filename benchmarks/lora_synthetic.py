@@ -137,8 +137,9 @@ def main(argv=None) -> int:
         from qnext.quant.nf4 import _torchao
 
         _torchao()  # without torchao: its one message before anything is built
-    if args.steps < 1 or args.warmup < 0 or args.seq < 16:
-        raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq}", hint="need steps >= 1, warmup >= 0, seq >= 16")
+    if args.steps < 1 or args.warmup < 0 or args.seq < 16 or args.repeat < 1:
+        raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq} --repeat {args.repeat}",
+                        hint="need steps >= 1, warmup >= 0, seq >= 16, repeat >= 1")
     if args.layers:
         hf["num_hidden_layers"] = args.layers
         if isinstance(hf.get("layer_types"), list):

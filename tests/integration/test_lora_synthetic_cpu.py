@@ -60,3 +60,5 @@ def test_synthetic_run_emulating_one_expert_parallel_rank(tmp_path):
     assert "Traceback" not in bad.stderr
     bad = subprocess.run(base + ["--steps", "0"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert bad.returncode == 2 and "--steps 0" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(base + ["--repeat", "0"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert bad.returncode == 2 and "--repeat 0" in bad.stderr and "Traceback" not in bad.stderr
