@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     from qnext.metrics import peak_memory_gib
     from qnext.plan import GIB, plan
     from qnext.throughput import mfu, step_flops
-    from train_throughput import measure_matmul_peak
+    from train_throughput import measure_matmul_peak, repeated_chats
 
     from qnext.megatron.config import load_hf_config
 
@@ -174,9 +174,7 @@ def main(argv=None) -> int:
     data = args.data
     if pack and args.repeat > 1:  # the chats repeated, so that (nearly) every packed row is full at any --seq
         args.out.mkdir(parents=True, exist_ok=True)
-        lines = [ln for ln in args.data.read_text().splitlines() if ln.strip()]
-        data = args.out / f"chats_x{args.repeat}.jsonl"
-        atomic_write_text(data, "\n".join(lines * args.repeat) + "\n")
+        data = repeated_chats(args.data, args.out, args.repeat)
     train, _, _ = build_datasets(data, tok, args.seq, pack=pack, valid_fraction=0.0)
     train = [s for s in train if len(s["input_ids"]) > args.seq // 2] or train  # full rows only (packs fill)
     fill = sum(len(s["input_ids"]) for s in train) / (len(train) * args.seq)

@@ -15,7 +15,7 @@ TARGET_RATIO = {"lora": 2.0, "full": 1.5}  # Megatron tokens/s over the HF pipel
 
 def render(data: dict, out_dir: Path) -> None:
     env, rows = data["environment"], data["runs"]
-    hf_tps = {r["mode"]: r.get("tokens_per_s_per_gpu") for r in rows if r["approach"] == "hf"}
+    hf_rows = {r["mode"]: r for r in rows if r["approach"] == "hf" and "tokens_per_s_per_gpu" in r}
     lines = [f"# Training throughput: {env['model']} ({env['date']}, {env['gpus']}x {env['gpu']})", "",
              f"Command: `{env['command']}`", "",
              f"Software: {env.get('software', '')}. bf16 matmul peak measured in this run: "
@@ -34,7 +34,7 @@ def render(data: dict, out_dir: Path) -> None:
             lines.append(f"| {name} | {r['mode']} | {r.get('layout', '')} | — | — | — | — | — | — | "
                          f"{_planned(r)} | {r['error']} |")
             continue
-        ref = hf_tps.get(r["mode"])
+        ref = hf_rows[r["mode"]]["tokens_per_s_per_gpu"] if r["mode"] in hf_rows else None
         speed = f"{r['tokens_per_s_per_gpu'] / ref:.1f}x" if ref and r["approach"] != "hf" else ""
         ds = env.get("datasheet_peak_tflops")
         lines.append(
@@ -50,7 +50,7 @@ def render(data: dict, out_dir: Path) -> None:
     for mode in MODES:
         mg = next((r for r in rows if r["approach"] == "megatron" and r["mode"] == mode and "tokens_per_s_per_gpu" in r
                    and r.get("base_dtype", "bf16") == "bf16"), None)  # the ratio and plan checks: the bf16 base
-        hf = next((r for r in rows if r["approach"] == "hf" and r["mode"] == mode and "tokens_per_s_per_gpu" in r), None)
+        hf = hf_rows.get(mode)
         for ours, want in ((mg, TARGET_RATIO[mode]), (_fsdp_row(rows, mode) if mode == "lora" else None, 1.0)):
             if ours and hf:  # met only when both the means and the median steps say so
                 ratio = ours["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"]

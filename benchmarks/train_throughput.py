@@ -70,6 +70,14 @@ def make_model(work: Path, layers: int, experts: int = 512) -> dict[str, Path]:
     return {"hf": hf, "mg": mg}
 
 
+def repeated_chats(src: Path, work: Path, repeat: int) -> Path:
+    """``src``'s chats ``repeat`` times over, as ``work/chats_x<repeat>.jsonl`` (written atomically)."""
+    lines = [ln for ln in src.read_text().splitlines() if ln.strip()]
+    path = work / f"chats_x{repeat}.jsonl"
+    atomic_write_text(path, "\n".join(lines * repeat) + "\n")
+    return path
+
+
 def make_data(work: Path, repeat: int, seq: int) -> tuple[Path, dict]:
     """The bundled sample chats repeated ``repeat`` times, so that packing fills (nearly) every
     ``seq``-token sequence: the backends pad a partial sequence to ``seq`` tokens and the HF path does
@@ -78,10 +86,7 @@ def make_data(work: Path, repeat: int, seq: int) -> tuple[Path, dict]:
     from qnext.data.dataset import build_datasets
     from qnext.data.tokenizer import load_tokenizer
 
-    src = REPO / "data/sample/chats.jsonl"
-    lines = [ln for ln in src.read_text().splitlines() if ln.strip()]
-    path = work / f"chats_x{repeat}.jsonl"
-    atomic_write_text(path, "\n".join(lines * repeat) + "\n")
+    path = repeated_chats(REPO / "data/sample/chats.jsonl", work, repeat)
     train, _, stats = build_datasets(path, load_tokenizer(None), seq, pack=True, valid_fraction=0.01)
     lengths = sorted(len(s["input_ids"]) for s in train)
     info = {"data": f"data/sample/chats.jsonl x{repeat}", "train_sequences": len(train),
