@@ -73,7 +73,7 @@ def fill_synthetic_experts(model, std: float, seed: int) -> int:
     return n
 
 
-def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
+def ep_emulation(hf: dict, experts: int, tokens: int) -> dict:
     """Sets ``hf["num_experts"] = experts`` and returns what the run stands for (one GPU of an expert-parallel
     run of the config's model, and the all-to-all it leaves out: ``qnext.throughput.ep_emulation_record``).
     Empty when ``experts`` is 0 or the config's own count."""
@@ -86,7 +86,7 @@ def ep_emulation(hf: dict, experts: int, seq: int) -> dict:
     if experts < topk or total % experts:
         raise UserError(f"--experts {experts} with {total} experts, top-{topk}",
                         hint=f"use a divisor of {total} that is at least {topk} (64 = one EP8 rank of 512)")
-    record = ep_emulation_record(dict(hf), experts, seq)  # one packed row per step
+    record = ep_emulation_record(dict(hf), experts, tokens)  # the tokens of one step
     hf["num_experts"] = experts
     return record
 
@@ -103,7 +103,10 @@ def main(argv=None) -> int:
                          "estimated in the record")
     ap.add_argument("--base-dtype", default="fp8", choices=["bf16", "fp8", "nf4"],
                     help="storage of the routed experts (nf4 needs torchao)")
-    ap.add_argument("--seq", type=int, default=4096, help="tokens per packed row (one row per step)")
+    ap.add_argument("--seq", type=int, default=4096, help="tokens per packed row")
+    ap.add_argument("--mbs", type=int, default=1,
+                    help="packed rows per step, in one forward (as the training entry's train.micro_batch_size: on a "
+                         "GPU the rows go as one thd row of mbs x seq tokens)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3, help="leading steps left out of the means")
     ap.add_argument("--lora-r", type=int, default=16)
@@ -137,14 +140,14 @@ def main(argv=None) -> int:
         from qnext.quant.nf4 import _torchao
 
         _torchao()  # without torchao: its one message before anything is built
-    if args.steps < 1 or args.warmup < 0 or args.seq < 16 or args.repeat < 1:
-        raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq} --repeat {args.repeat}",
-                        hint="need steps >= 1, warmup >= 0, seq >= 16, repeat >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.seq < 16 or args.repeat < 1 or args.mbs < 1:
+        raise UserError(f"--steps {args.steps} --warmup {args.warmup} --seq {args.seq} --repeat {args.repeat} "
+                        f"--mbs {args.mbs}", hint="need steps >= 1, warmup >= 0, seq >= 16, repeat >= 1, mbs >= 1")
     if args.layers:
         hf["num_hidden_layers"] = args.layers
         if isinstance(hf.get("layer_types"), list):
             hf["layer_types"] = hf["layer_types"][:args.layers]
-    emulated = ep_emulation(hf, args.experts, args.seq)  # before the override: the model it stands for
+    emulated = ep_emulation(hf, args.experts, args.seq * args.mbs)  # before the override: the model it stands for
     cpu = args.device == "cpu"
     initialize_parallel(None, backend="gloo" if cpu else None)  # a world of one unless torchrun set RANK
     device = torch.device("cpu") if cpu else torch.device("cuda", torch.cuda.current_device())
@@ -181,16 +184,17 @@ def main(argv=None) -> int:
     print(f"[synthetic] data: {len(train)} rows of up to {args.seq} tokens, {100 * fill:.1f}% filled", flush=True)
     pad = int(tok.pad_token_id) % int(hf["vocab_size"])
 
-    cfg = load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={args.model}", f"data.seq_length={args.seq}",
-                       "train.global_batch_size=1", "parallel.recompute=none", f"train.lora.r={args.lora_r}",
-                       f"train.lora.base_dtype={args.base_dtype}"])
+    def recipe(hf_config) -> list[str]:
+        return ["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={hf_config}", f"data.seq_length={args.seq}",
+                f"train.global_batch_size={args.mbs}", f"train.micro_batch_size={args.mbs}", "parallel.recompute=none",
+                f"train.lora.r={args.lora_r}", f"train.lora.base_dtype={args.base_dtype}"]
+
+    cfg = load_config(recipe(args.model))
     if args.layers or args.experts:  # the plan reads the config file: write the overridden one next to the results
         args.out.mkdir(parents=True, exist_ok=True)
         cfg_path = args.out / "model_config.json"
         atomic_write_text(cfg_path, json.dumps(hf, indent=1))
-        cfg = load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={cfg_path}", f"data.seq_length={args.seq}",
-                           "train.global_batch_size=1", "parallel.recompute=none", f"train.lora.r={args.lora_r}",
-                           f"train.lora.base_dtype={args.base_dtype}"])
+        cfg = load_config(recipe(cfg_path))
     planned = plan(cfg, world_size=1)
 
     model.train()
@@ -204,8 +208,8 @@ def main(argv=None) -> int:
     else:
         os.environ.pop(PROFILE_ENV, None)  # an inherited QNEXT_PROFILE_STEP would cut the timed steps short
     for step in range(args.steps + (1 if args.profile else 0)):
-        sample = train[step % len(train)]
-        batch = megatron_batch([sample], pad, args.seq, pack=pack)
+        rows = [train[(step * args.mbs + i) % len(train)] for i in range(args.mbs)]
+        batch = megatron_batch(rows, pad, args.seq, pack=pack)
         batch["tokens"] = batch["tokens"] % int(hf["vocab_size"])
         batch["labels"] = batch["labels"] % int(hf["vocab_size"])
         batch = to_device(batch, device)
@@ -247,7 +251,7 @@ def main(argv=None) -> int:
         "what": "LoRA steps with synthetic (random) base weights; real sample chats, packed",
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if not cpu else "cpu",
         "layers": int(hf["num_hidden_layers"]), "experts": int(hf.get("num_experts") or 0), "gpus": 1,
-        "hidden": int(hf["hidden_size"]), "seq": args.seq, "row_fill": round(fill, 4), "lora_r": args.lora_r, "base_dtype": args.base_dtype,
+        "hidden": int(hf["hidden_size"]), "seq": args.seq, "micro_batch": args.mbs, "row_fill": round(fill, 4), "lora_r": args.lora_r, "base_dtype": args.base_dtype,
         "synthetic_weights": True, "steps": args.steps, "warmup": args.warmup,
         "tokens_per_s_per_gpu": tps, "tflops_per_gpu": tflops,
         "mfu": mfu(tflops, torch.cuda.get_device_name(device)) if not cpu else None,
@@ -259,12 +263,13 @@ def main(argv=None) -> int:
         "peak_vs_plan": peak / (planned.step_peak / GIB),
         "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"],
         "losses": [r["loss"] for r in records], "step_times_s": [r["step_time_s"] for r in records],
+        "step_tokens": [r["tokens"] for r in records],
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "leaves_out": "checkpoint load, DP/EP communication, megatron's optimizer wrapper, real weights",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "lora_synthetic.json", json.dumps(result, indent=1) + "\n")
-    print("[synthetic] " + json.dumps({k: v for k, v in result.items() if k not in ("losses", "step_times_s")}), flush=True)
+    print("[synthetic] " + json.dumps({k: v for k, v in result.items() if k not in ("losses", "step_times_s", "step_tokens")}), flush=True)
     return 0
 
 

@@ -38,23 +38,25 @@ def test_synthetic_lora_run_record(tmp_path, base):
 
 
 def test_synthetic_run_emulating_one_expert_parallel_rank(tmp_path):
-    """--experts 4 of the tiny model's 8 (top-2): one GPU of EP2, bf16 base; the record says what it stands for
-    and estimates the all-to-all it leaves out (2 passes x dispatch+combine x 128 tokens x top-2 x hidden 128 x
-    2 bytes x 1/2 leaving the GPU, per MoE layer); a count that does not divide the experts is one message."""
+    """--experts 4 of the tiny model's 8 (top-2), two rows per step: one GPU of EP2, bf16 base; the record says what
+    it stands for and estimates the all-to-all it leaves out (2 passes x dispatch+combine x 2 x 128 tokens x top-2 x
+    hidden 128 x 2 bytes x 1/2 leaving the GPU, per MoE layer); a count that does not divide the experts is one message."""
     out = tmp_path / "ep"
     base = [sys.executable, str(REPO / "benchmarks/lora_synthetic.py"), "--model", str(REPO / "models/tiny_qwen3_next/config.json"),
             "--device", "cpu", "--steps", "2", "--warmup", "1", "--seq", "128", "--base-dtype", "bf16", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    proc = subprocess.run(base + ["--experts", "4"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    proc = subprocess.run(base + ["--experts", "4", "--mbs", "2"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads((out / "lora_synthetic.json").read_text())
     cfg = json.loads((REPO / "models/tiny_qwen3_next/config.json").read_text())
-    assert rec["experts"] == 4 and rec["emulated_ep"] == 2 and rec["base_dtype"] == "bf16"
+    assert rec["experts"] == 4 and rec["emulated_ep"] == 2 and rec["base_dtype"] == "bf16" and rec["micro_batch"] == 2
     assert json.loads((out / "model_config.json").read_text())["num_experts"] == 4  # what the planner read
     moe_layers = cfg["num_hidden_layers"]  # every layer of the tiny model is MoE
-    want = 2 * 2 * 128 * 2 * cfg["hidden_size"] * 2 * 0.5 * moe_layers
+    want = 2 * 2 * (2 * 128) * 2 * cfg["hidden_size"] * 2 * 0.5 * moe_layers
     assert rec["a2a_bytes_per_step"] == want
     assert abs(rec["a2a_estimate_s"] - want / 450e9) < 1e-12
+    assert "step 2/2" in proc.stdout and all(0 < x < 50 for x in rec["losses"])
+    assert all(128 < t <= 256 for t in rec["step_tokens"])  # two rows of at most 128 tokens each, not one
     bad = subprocess.run(base + ["--experts", "3"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert bad.returncode == 2 and "--experts 3" in bad.stderr and "divisor of 8" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -131,3 +131,45 @@ def test_native_fused_cross_entropy_equals_megatrons_unfused_one(monkeypatch):
     assert not hf_to_transformer_config(tiny, None, torch.float32).config.cross_entropy_loss_fusion
     monkeypatch.undo()  # a CPU-only machine: megatron's unfused loss (compiling it on CPU costs more than it saves)
     assert not hf_to_transformer_config(tiny, None, torch.float32).config.cross_entropy_loss_fusion
+
+
+def test_compiled_fp8_dequantization_equals_the_eager_one_bit_for_bit():
+    """The frozen FP8 experts' one-pass dequantization (compiled) against the eager two-pass one and the plain
+    reference: the same bf16 bits, subnormal rows and zero rows included."""
+    from qnext.quant.fp8 import dequantize_rows, dequantize_rows_reference, quantize_rows
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(3, 40, 24, generator=g) * torch.logspace(-8, 3, 40)[None, :, None]
+    w[0, :, :5] = 1e-9  # subnormal in e4m3 relative to their row
+    w[1, 7] = 0.0
+    q, scale = quantize_rows(w)
+    got = compiled(dequantize_rows_reference)(q, scale, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == w.shape
+    assert torch.equal(got, dequantize_rows(q, scale, torch.bfloat16))
+    assert torch.equal(got, (q.float() * scale).bfloat16())
+    err = (got.float() - w).abs()
+    assert float((err / (w.abs() * 2.0**-3 + scale * 2.0**-9)).max()) <= 1.0  # near w, not merely self-consistent
+
+
+def test_fp8_dequantize_compiles_on_cuda_only_and_follows_the_switch(monkeypatch):
+    import qnext.megatron.fused as fused
+    from qnext.quant import fp8
+    from qnext.quant.fp8 import quantize_rows
+
+    calls = []
+    monkeypatch.setattr(fused, "compiled", lambda fn: calls.append(fn) or fn)
+    q, scale = quantize_rows(torch.randn(2, 8, 16))
+    fused.fp8_dequantize(q, scale, torch.bfloat16)  # CPU storage: the eager form
+    assert calls == []
+
+    class CudaLike:  # what fp8_dequantize asks of its input before choosing
+        is_cuda = True
+
+    eager = []
+    monkeypatch.setattr(fp8, "dequantize_rows", lambda *a: eager.append(a) or "eager")
+    monkeypatch.setattr(fused, "compiled", lambda fn: (calls.append(fn), lambda *a: "compiled")[1])
+    with torch.no_grad():  # inside autograd.Function forward/backward: grad is off, still compiled
+        assert fused.fp8_dequantize(CudaLike(), scale, torch.bfloat16) == "compiled"
+    assert calls == [fp8.dequantize_rows_reference] and eager == []
+    monkeypatch.setenv("QNEXT_FUSED", "0")
+    assert fused.fp8_dequantize(CudaLike(), scale, torch.bfloat16) == "eager"  # switched off: the eager form

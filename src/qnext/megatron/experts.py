@@ -116,9 +116,9 @@ class ExpertWeight(nn.Module):
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The quantized weight in ``dtype`` (a new tensor)."""
         if self.base == "fp8":
-            from ..quant.fp8 import dequantize_rows
+            from .fused import fp8_dequantize
 
-            return dequantize_rows(self.q, self.scale, dtype)
+            return fp8_dequantize(self.q, self.scale, dtype)
         if self.nf4 is None:
             raise RuntimeError("NF4 expert weights used before they were loaded (qnext.megatron.quant_load)")
         return self.nf4.dequantize(dtype)

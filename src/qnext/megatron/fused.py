@@ -7,6 +7,10 @@ generates one kernel per direction from the plain definition, so the arithmetic 
 - :func:`swiglu_probs`: silu(gate) * up * routing probability of the routed experts, in float32,
   rounded once to the tokens' dtype;
 - :func:`rms_norm`: x / rms(x) * (1 + w) (zero-centred) or * w, in float32, rounded once;
+- :func:`fp8_dequantize`: frozen FP8 expert weights times their row scales, rounded once to bf16
+  (``qnext.quant.fp8.dequantize_rows_reference``): one pass reading 1 byte and writing 2 per value, where the
+  eager form (``qnext.quant.fp8.dequantize_rows``) moves 7; it runs twice per layer and step (forward and
+  input gradient) over every expert of the layer;
 - the language-model cross-entropy split over TP ranks: megatron-core's ``native`` fused implementation
   (``cross_entropy_loss_fusion``, set in ``qnext.megatron.config``; its pieces are compiled by megatron's
   ``jit_fuser``), against its unfused ``vocab_parallel_cross_entropy``. With the whole vocabulary on one
@@ -82,3 +86,14 @@ def swiglu_probs(h: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
     fn = compiled(rms_norm_reference) if _use_compiled(x) else rms_norm_reference
     return fn(x, weight, eps, zero_centered)
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q * scale`` in ``dtype`` (values identical to ``qnext.quant.fp8.dequantize_rows``). Compiled on CUDA
+    in any grad mode: it is called inside the quantized grouped linear's forward and backward, where autograd
+    is off, and both need it."""
+    from ..quant.fp8 import dequantize_rows, dequantize_rows_reference
+
+    if q.is_cuda and fused_enabled():
+        return compiled(dequantize_rows_reference)(q, scale, dtype)
+    return dequantize_rows(q, scale, dtype)
