@@ -68,7 +68,7 @@ if want 5; then
 fi
 if want 6; then
   step "fast paths against their references; host syncs of a step"
-  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_model_gpu.py -k "fast_paths or packed_attention or grad_accum or two_packed_rows" -s \
+  timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_model_gpu.py -k "fast_paths or packed_attention or grad_accum or main_grad or two_packed_rows" -s \
     -p no:cacheprovider 2>&1 | tee "$out/fast_paths_test.log" | grep -E "rel L2|vs loop|passed|failed|Error" | tail -8
   timed "$py" -m pytest -q -m gpu tests/gpu/test_megatron_train_gpu.py -k syncs -s -p no:cacheprovider 2>&1 \
     | tee "$out/syncs_test.log" | grep -E "planned|UNPLANNED|passed|failed" | tail -30

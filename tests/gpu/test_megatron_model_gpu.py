@@ -337,6 +337,37 @@ def test_grad_accum_fusion_matches_the_unfused_gradient():
     assert fused.data_ptr() != ref.data_ptr() and err < 1e-5 and err <= err_unfused
 
 
+def test_main_grad_compiled_add_matches_eager_on_gpu():
+    """DDP's main_grad accumulation compiled (qnext.megatron.compat.main_grad) on CUDA: a bf16 gradient the
+    size of one proxy expert stack added into an fp32 view of a larger buffer equals the eager ``add_`` bit for
+    bit, in place, and the buffer around the view is untouched; the time of each is printed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    import time
+
+    from qnext.megatron.compat.main_grad import accumulate, accumulate_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = 512 * 2048 * 512
+    buf = torch.randn(n + 4096, device="cuda", generator=gen)
+    grad = torch.randn(512, 2048, 512, device="cuda", generator=gen).bfloat16()
+    ref = buf.clone()
+    accumulate_reference(ref[1024:1024 + n].view(512, 2048, 512), grad)
+    view = buf[1024:1024 + n].view(512, 2048, 512)
+    accumulate(view, grad)
+    assert view.data_ptr() == buf.data_ptr() + 4 * 1024 and torch.equal(buf, ref)
+    times = {}
+    for name, fn in (("eager add_", accumulate_reference), ("compiled", accumulate)):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            fn(view, grad)
+        torch.cuda.synchronize()
+        times[name] = (time.perf_counter() - t) / 10
+    print("main_grad += bf16 grad, 537M values: " + ", ".join(
+        f"{k} {v * 1e3:.2f} ms ({10 * n / v / 1e12:.2f} TB/s)" for k, v in times.items()))
+
+
 def test_two_packed_rows_in_one_micro_batch_equal_two_micro_batches_on_gpu(world):
     """train.micro_batch_size=2 with packed data on the GPU paths (fla's varlen Gated DeltaNet and short
     convolution, varlen attention, the sorted dispatcher): two packed rows as one thd row give the per-token

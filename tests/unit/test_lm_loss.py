@@ -4,7 +4,7 @@ imported, hence a fresh interpreter).
 
 1. ``fla_lm_loss`` on bf16 logits over a vocabulary wider than one kernel block (two partial log-sum-exps
    merged, as for Qwen3-Next's 151,936 tokens) equals float32 cross-entropy, and its logit gradient (bf16)
-   equals the float32 gradient rounded to bf16 within one rounding;
+   equals the float32 gradient rounded to bf16 within one rounding, written over the logits;
 2. the tiny Qwen3-Next megatron model's per-token loss and every weight gradient through ``QnextGPTModel``
    with fla's kernel equal those with megatron's loss (the kernel forced on: it applies to CUDA only).
 """
@@ -35,9 +35,12 @@ logits = (torch.randn(s, b, V, generator=gen) * 4).bfloat16().requires_grad_(Tru
 labels = torch.randint(0, V, (b, s), generator=gen)
 labels[0, 1] = V - 1  # a target in the second block
 w = torch.linspace(0.5, 1.5, s * b).view(b, s)
-loss = lm_loss.fla_lm_loss(labels, logits)
+x = logits * 1  # an intermediate, as the output layer's logits are: its storage takes the gradient
+kept = x.detach()  # the same storage
+loss = lm_loss.fla_lm_loss(labels, x)
 assert loss.shape == (b, s) and loss.dtype == torch.float32
 (loss * w).sum().backward()
+assert torch.equal(kept, logits.grad)  # the gradient was written over the logits (no second [tokens, vocab] tensor)
 ref_x = logits.detach().float().requires_grad_(True)
 ref = torch.nn.functional.cross_entropy(ref_x.reshape(s * b, V), labels.t().reshape(-1), reduction="none").view(s, b).t()
 (ref * w).sum().backward()

@@ -18,11 +18,13 @@ of that version.
   before the update (which lets the entry drop DDP's per-bucket NaN/Inf reads when clipping).
 - ``grad_accum``: gradient accumulation fusion without Apex (a torch stand-in for its extension), installed
   by the model provider when ``QNEXT_GRAD_ACCUM_FUSION=1``.
+- ``main_grad``: DDP's per-micro-batch ``main_grad += grad`` as one compiled kernel (CUDA, bf16 into fp32).
 """
 from __future__ import annotations
 
 from ._patching import PINNED_MEGATRON_CORE, check_megatron_core_version, install  # noqa: F401
 from .grad_norm import install_grad_norm_fix
+from .main_grad import install_main_grad_add
 from .router_token_count import install_router_token_count_fix
 from .step_reductions import install_step_reductions_fix
 from .thd_rope import install_thd_rope_vectorized
@@ -35,3 +37,4 @@ def install_all() -> None:
     install_thd_rope_vectorized()
     install_step_reductions_fix()
     install_grad_norm_fix()
+    install_main_grad_add()
