@@ -205,8 +205,22 @@ def test_plan_against_the_measured_proxy_runs_on_one_h200(tmp_path):
     conf.update(num_hidden_layers=48, num_experts=64)
     path.write_text(json.dumps(conf))
     rank = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={path}", "data.seq_length=8192",
-                             "train.global_batch_size=1", "parallel.recompute=none", "train.lora.base_dtype=bf16"]), world_size=1)
+                             "train.global_batch_size=1", "train.micro_batch_size=1", "parallel.recompute=none",
+                             "train.lora.base_dtype=bf16"]), world_size=1)
     assert abs((rank.step_peak - rank.buffers) / GIB / 70.4 - 1) < 0.10
+    # later on the same GPU (benchmarks/results/speed_h200_2026-12-04/8_full_gbs16_recompute_none/,
+    # quant_80b_h200_2026-12-04/3_fp8_80b_mbs2/): the full proxy without recompute 130.9 GiB; the 80B config with
+    # FP8 experts, synthetic weights, two packed rows of 4096 per forward, 126.2 GiB; within 10%
+    conf.update(num_hidden_layers=4, num_experts=512)
+    proxy = tmp_path / "proxy4_again.json"
+    proxy.write_text(json.dumps(conf))
+    none = plan(load_config([f"model.hf_config={proxy}", "parallel=1gpu", "data.seq_length=4096",
+                             "train.micro_batch_size=2", "train.global_batch_size=16", "train=full",
+                             "parallel.recompute=none"]), world_size=1)
+    assert abs((none.step_peak - none.buffers) / GIB / 130.9 - 1) < 0.10
+    fp8_80b = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "train.micro_batch_size=2", "train.global_batch_size=2",
+                                "parallel.recompute=none"]), world_size=1)
+    assert abs((fp8_80b.step_peak - fp8_80b.buffers) / GIB / 126.2 - 1) < 0.10
 
 
 def test_80b_bf16_lora_fits_four_80gb_gpus_with_ep4():
@@ -225,9 +239,9 @@ def test_fp8_experts_halve_the_expert_bytes_and_the_one_gpu_recipe_fits_an_h200(
     from qnext.config.validate import validate_config
     from qnext.errors import UserError
 
-    bf16 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "train.lora.base_dtype=bf16", "parallel.recompute=none"]),
-                world_size=1)
-    fp8 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "parallel.recompute=none"]), world_size=1)
+    one_row = ["train.micro_batch_size=1", "parallel.recompute=none"]  # (the recipe runs 2 rows per forward)
+    bf16 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", "train.lora.base_dtype=bf16", *one_row]), world_size=1)
+    fp8 = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", *one_row]), world_size=1)
     pc = count_params(json.loads((REPO / "models/qwen3_next_80b_a3b/config.json").read_text()))
     experts = sum(pc.experts)
     saved = bf16.weights - fp8.weights

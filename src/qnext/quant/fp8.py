@@ -10,9 +10,10 @@ in e4m3 with one fp32 scale per output row 77 GB, which fits one H200 next to th
 - Error bound (:func:`error_bound`): e4m3 keeps 3 mantissa bits, so a normal value is off by at most
   half a step, 2^-4 of itself; values below e4m3's smallest normal (2^-6 x scale) sit on its subnormal
   grid of spacing 2^-9 x scale, off by at most 2^-10 x scale.
-- the grouped GEMM over the experts dequantizes in each pass (``qnext.quant.grouped``, with
-  :func:`dequantize_rows`), so only the FP8 weights stay in memory between forward and backward; the
-  frozen weights get no gradient.
+- the grouped GEMM over the experts dequantizes in each pass (``qnext.quant.grouped``), so only the FP8
+  weights stay in memory between forward and backward; the frozen weights get no gradient. On CUDA the
+  experts take :func:`dequantize_rows_reference` compiled into one kernel
+  (``qnext.megatron.fused.fp8_dequantize``, the same bits); elsewhere :func:`dequantize_rows`.
 
 The reference is the bf16 computation with the dequantized weights (``tests/unit/test_quant_fp8.py``
 compares them exactly, and the quantized model's LoRA logits and gradients with the bf16 model's within
