@@ -20,11 +20,8 @@ def world():
 
 
 def _grads(fused: bool, calls: list) -> dict[str, torch.Tensor]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from dist_fixtures import ddp_mlp
     from megatron.core.tensor_parallel import layers
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import MegatronModule
 
     from qnext.megatron.compat.cpu import cpu_training
     from qnext.megatron.compat.grad_accum import install_grad_accum_fusion
@@ -34,25 +31,7 @@ def _grads(fused: bool, calls: list) -> dict[str, torch.Tensor]:
         stand_in = layers.fused_weight_gradient_mlp_cuda
         original = stand_in.wgrad_gemm_accum_fp32
         stand_in.wgrad_gemm_accum_fp32 = lambda *a: calls.append(a[2].shape) or original(*a)
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=1, use_cpu_initialization=True,
-                            params_dtype=torch.float32, gradient_accumulation_fusion=fused)
-
-    class Mlp(MegatronModule):
-        def __init__(self):
-            super().__init__(cfg)
-            self.up = ColumnParallelLinear(32, 48, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                                           gather_output=False)
-            self.down = RowParallelLinear(48, 32, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                                          input_is_parallel=True, skip_bias_add=True)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.silu(self.up(x)[0]))[0]
-
-    torch.manual_seed(0)
-    with cpu_training():
-        model = Mlp()
-        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                         use_distributed_optimizer=False), model)
+    model, ddp = ddp_mlp(torch.float32, gradient_accumulation_fusion=fused)
     ddp.zero_grad_buffer()
     gen = torch.Generator().manual_seed(1)
     try:

@@ -19,10 +19,8 @@ def world():
 
 
 def _main_grads(wrapped: bool, monkeypatch, calls: list) -> dict[str, torch.Tensor]:
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer import TransformerConfig
-    from megatron.core.transformer.module import MegatronModule
+    from dist_fixtures import ddp_mlp
+    from megatron.core.distributed import DistributedDataParallel
 
     from qnext.megatron.compat import main_grad
     from qnext.megatron.compat.cpu import cpu_training
@@ -37,25 +35,7 @@ def _main_grads(wrapped: bool, monkeypatch, calls: list) -> dict[str, torch.Tens
         monkeypatch.setattr(main_grad, "MIN_VALUES", 48 * 32)  # both weights here (1,536 values) count as large
         real = main_grad.accumulate
         monkeypatch.setattr(main_grad, "accumulate", lambda m, g: calls.append(tuple(m.shape)) or real(m, g))
-    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=1, use_cpu_initialization=True,
-                            params_dtype=torch.bfloat16, bf16=True)
-
-    class Mlp(MegatronModule):
-        def __init__(self):
-            super().__init__(cfg)
-            self.up = ColumnParallelLinear(32, 48, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                                           gather_output=False)
-            self.down = RowParallelLinear(48, 32, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                                          input_is_parallel=True, skip_bias_add=True)
-
-        def forward(self, x):
-            return self.down(torch.nn.functional.silu(self.up(x)[0]))[0]
-
-    torch.manual_seed(0)
-    with cpu_training():
-        model = Mlp()
-        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                                         use_distributed_optimizer=False), model)
+    model, ddp = ddp_mlp(torch.bfloat16, bf16=True)
     ddp.zero_grad_buffer()
     gen = torch.Generator().manual_seed(1)
     with cpu_training():
