@@ -12,7 +12,8 @@
 #   7. the LoRA throughput, Megatron with the fast paths next to the HF pipeline and the FSDP backend, 30
 #      steps, with a profiled and a sync-checked step (~4 min with a warm cache)
 #   8. LoRA of the real Qwen3-Next-80B-A3B config on this one GPU, FP8 then NF4 experts, synthetic weights,
-#      30 steps and a profiled one each (benchmarks/lora_synthetic.py; ~2 + 3 min with a warm cache)
+#      two packed rows of 4096 per forward as the one-GPU recipe runs them, 30 steps and a profiled one each
+#      (benchmarks/lora_synthetic.py --mbs 2; ~2 + 3 min with a warm cache)
 #   9. the 4-layer proxy's LoRA (Megatron entry, real converted weights), 30 steps each with bf16, FP8 and
 #      NF4 experts: loss curves and held-out losses side by side (~1 min each with a warm cache)
 #  10. the 80B LoRA recipe's per-GPU compute: 48 layers with 64 of the 512 experts (one EP8 rank, balanced
@@ -82,7 +83,7 @@ fi
 if want 8; then
   for base in fp8 nf4; do
     step "80B LoRA, $base experts, synthetic weights (writes $out/lora_80b_$base)"
-    timed "$py" benchmarks/lora_synthetic.py --base-dtype $base --steps 30 --warmup 3 --profile \
+    timed "$py" benchmarks/lora_synthetic.py --base-dtype $base --mbs 2 --steps 30 --warmup 3 --profile \
       --out "$out/lora_80b_$base" 2>&1 | tee "$out/lora_80b_$base.log" | grep "^\[synthetic\]" | tail -6
   done
 fi
