@@ -11,9 +11,9 @@ would add a bf16 CUDA gradient into an fp32 ``main_grad``, the wrapper adds it w
 :func:`accumulate` (``main_grad += grad`` compiled by inductor into one vectorized kernel: the same fp32
 sums, bit for bit) and lets megatron's hook run with ``grad_added_to_main_grad`` set for that call only, so
 megatron does everything else it does (dropping the gradient, the data-parallel bucket bookkeeping) and
-adds nothing twice. Every other case (CPU, other dtypes, gradients under ``MIN_VALUES`` values, a weight whose
-gradient a fused linear already wrote, ``zero_out_wgrad``, ``QNEXT_FUSED=0``) is megatron's own hook unchanged. Installed by
-``install_all`` before the model is wrapped (the hooks are made at wrapping time).
+adds nothing twice. Every other case (CPU, other dtypes, gradients under ``MIN_VALUES`` values, a weight
+whose gradient a fused linear already wrote, ``zero_out_wgrad``, ``QNEXT_FUSED=0``) is megatron's own hook
+unchanged. Installed by ``install_all`` before the model is wrapped (the hooks are made at wrapping time).
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ def accumulate_reference(main_grad: torch.Tensor, grad: torch.Tensor) -> torch.T
 
 def accumulate(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
     """``main_grad += grad``, compiled where it pays (a CUDA fp32 ``main_grad``, a bf16/fp16 gradient)."""
-    if main_grad.device.type in DEVICE_TYPES and main_grad.dtype == torch.float32 and grad.dtype in (torch.bfloat16, torch.float16) \
-            and fused_enabled():
+    if (main_grad.device.type in DEVICE_TYPES and main_grad.dtype == torch.float32
+            and grad.dtype in (torch.bfloat16, torch.float16) and fused_enabled()):
         compiled(accumulate_reference)(main_grad, grad)
     else:
         accumulate_reference(main_grad, grad)
