@@ -23,6 +23,9 @@
 #      step 7: what compiling costs and buys in a host-bound step (~2 min)
 #  12. issue 14's side-by-side runs: LoRA with 2 packed rows per micro-batch (all three approaches, 30 steps, a
 #      profiled and a sync-checked step), then full training at 16 sequences per step (Megatron and HF; ~5 min)
+#  13. the open questions of the last profiles: the FP8 dequantization's three forms timed (benchmarks/fp8_dequant.py,
+#      ~1 min), and the 48-layer, 64-expert emulation with the compiled ops on and off (at 48 layers the compiled
+#      autograd wrappers' host time may outweigh what they save on the GPU; ~4 min)
 # Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
 # record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
@@ -110,6 +113,15 @@ if want 12; then
     --steps 30 --warmup 3 --profile --sync-check --timeout 200 2>&1 | tee "$out/lora_mbs2.log" | grep "^\[bench\]"
   timed "$py" benchmarks/train_throughput.py --out "$out/full_gbs16" --only megatron:full,hf:full --gbs 16 --mbs 2 \
     --steps 8 --warmup 3 --timeout 170 2>&1 | tee "$out/full_gbs16.log" | grep "^\[bench\]"
+fi
+if want 13; then
+  step "FP8 dequantization variants (writes $out/fp8_dequant), then 48x64 LoRA with QNEXT_FUSED=1 and 0"
+  timed "$py" benchmarks/fp8_dequant.py --out "$out/fp8_dequant" 2>&1 | tee "$out/fp8_dequant.log" | grep "^\[fp8_dequant\]"
+  for fused in 1 0; do
+    QNEXT_FUSED=$fused timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --seq 8192 \
+      --steps 15 --warmup 3 --out "$out/ep8_rank_fused$fused" 2>&1 | tee "$out/ep8_rank_fused$fused.log" \
+      | grep "^\[synthetic\]" | tail -2
+  done
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"
