@@ -90,8 +90,13 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunc
 def host_device_summary(avg) -> str:
     """One line: the profiled step's host time (self CPU, all operators), device time (self CUDA) and kernel
     launches, so that a host-bound step (host > device) shows at a glance."""
+    from torch.autograd import DeviceType
+
     host = sum(e.self_cpu_time_total for e in avg) / 1e3
-    device = sum(getattr(e, "self_device_time_total", 0.0) for e in avg) / 1e3
+    # the kernels' own rows, as torch's table totals them: an operator's row repeats its kernels' device time
+    kernels = [e for e in avg
+               if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    device = sum(e.self_device_time_total for e in kernels) / 1e3
     launches = sum(e.count for e in avg if e.key in LAUNCHES)
     return (f"host (self CPU) total {host:.1f} ms, device (self CUDA) total {device:.1f} ms, "
             f"kernel launches {launches} (profiler overhead included)")

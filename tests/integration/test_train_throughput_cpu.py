@@ -144,13 +144,22 @@ def test_ep_emulation_row_says_what_it_leaves_out(tmp_path):
 
 def test_profile_summary_counts_kernel_launches_and_device_time():
     """The summary line of a profiled step (qnext.metrics.host_device_summary) on the profiler's averages:
-    launches of every CUDA launch API, self device time; here on stand-ins for a CUDA profile's rows."""
-    from types import SimpleNamespace as Row
+    launches of every CUDA launch API, self device time of the kernels (an operator's row repeats its kernels' time,
+    which the profiles of 2026-12-04 counted twice); here on stand-ins for a CUDA profile's rows."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
 
     from qnext.metrics import host_device_summary
 
+    def Row(device_type=DeviceType.CPU, **kw):  # noqa: N802
+        return SimpleNamespace(device_type=device_type, is_user_annotation=False, **kw)
+
     rows = [Row(key="cudaLaunchKernel", count=7, self_cpu_time_total=70.0, self_device_time_total=0.0),
             Row(key="cuLaunchKernelEx", count=3, self_cpu_time_total=30.0, self_device_time_total=0.0),
-            Row(key="aten::mm", count=2, self_cpu_time_total=900.0, self_device_time_total=2500.0)]
+            Row(key="aten::mm", count=2, self_cpu_time_total=900.0, self_device_time_total=2500.0),
+            # the GEMM kernel's own row: its time is the operator's above, counted once
+            Row(key="nvjet_sm90_gemm", count=2, self_cpu_time_total=0.0, self_device_time_total=2500.0,
+                device_type=DeviceType.CUDA)]
     assert host_device_summary(rows) == ("host (self CPU) total 1.0 ms, device (self CUDA) total 2.5 ms, "
                                          "kernel launches 10 (profiler overhead included)")
