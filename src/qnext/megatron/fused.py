@@ -17,7 +17,8 @@ generates one kernel per direction from the plain definition, so the arithmetic 
   rank, fla's fused kernel takes the loss whatever this switch says (``qnext.megatron.lm_loss``,
   ``QNEXT_FLA_LOSS``).
 
-The compiled forms run on CUDA tensors under autograd (on by default; ``QNEXT_FUSED=0`` turns them off:
+The compiled norms and SwiGLU run on CUDA tensors under autograd (the FP8 dequantization in any grad mode);
+all are on by default (``QNEXT_FUSED=0`` turns them off:
 on one H200 the proxy's LoRA step took 0.088 s with them and 0.102 s without, and they pass the GPU
 fast-path test); CPU tensors and evaluation take the reference. ``tests/unit/test_fused_ops.py`` compares compiled and reference forms, values
 and gradients, on the CPU (where inductor compiles C++).
