@@ -45,7 +45,7 @@ def test_config_maps_qwen3_next_features():
     assert (c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size) == (512, 10, 512)
     assert c.moe_shared_expert_intermediate_size == 512 and c.moe_shared_expert_gate
     assert c.moe_router_score_function == "softmax" and c.moe_router_pre_softmax is False  # norm_topk_prob
-    assert c.moe_layer_freq == 1 and c.moe_router_dtype == "fp32"
+    assert c.moe_layer_freq == 1 and c.moe_router_dtype is None  # logits in bf16, as HF
     assert c.params_dtype == torch.bfloat16 and c.bf16
     assert c.transformer_impl == "local"
     assert args.rotary_percent == 0.25 and args.rotary_base == 1e7
