@@ -208,6 +208,13 @@ def test_plan_against_the_measured_proxy_runs_on_one_h200(tmp_path):
                              "train.global_batch_size=1", "train.micro_batch_size=1", "parallel.recompute=none",
                              "train.lora.base_dtype=bf16"]), world_size=1)
     assert abs((rank.step_peak - rank.buffers) / GIB / 70.4 - 1) < 0.10
+    # the same emulation as the 8-GPU recipes run it, packed rows of 4096 (speed_h200_2026-12-04/, section 10):
+    # two per micro-batch (qwen3_next_80b_lora) 68.1 GiB, four (qwen3_next_80b_lora_8xh200) 113.7 GiB
+    for mbs, gib in ((2, 68.1), (4, 113.7)):
+        rank = plan(load_config(["recipe=qwen3_next_80b_lora_1gpu", f"model.hf_config={path}", "data.seq_length=4096",
+                                 f"train.global_batch_size={mbs}", f"train.micro_batch_size={mbs}",
+                                 "parallel.recompute=none", "train.lora.base_dtype=bf16"]), world_size=1)
+        assert abs((rank.step_peak - rank.buffers) / GIB / gib - 1) < 0.10, (mbs, rank.step_peak / GIB)
     # later on the same GPU (benchmarks/results/speed_h200_2026-12-04/8_full_gbs16_recompute_none/,
     # quant_80b_h200_2026-12-04/3_fp8_80b_mbs2/): the full proxy without recompute 130.9 GiB; the 80B config with
     # FP8 experts, synthetic weights, two packed rows of 4096 per forward, 126.2 GiB; within 10%
