@@ -30,6 +30,7 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from megatron.core.utils import divide
 
 from .fused import swiglu_probs
+from .grouped_wgrad import GroupedLinearWgradAccum, fused_wgrad_applies
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -225,6 +226,8 @@ class GroupedGemmExperts(MegatronModule):
         self._load_view: Optional[dict[str, torch.Tensor]] = None  # see sharded_state_dict
         # parallel.recompute=experts_act (qnext's field: megatron's "moe_act" accepts only its own experts)
         self.recompute_activation = bool(getattr(config, "qnext_recompute_experts_act", False))
+        # gradient accumulation fusion (QNEXT_GRAD_ACCUM_FUSION=1): weight gradients straight into DDP's fp32 main_grad
+        self.fuse_wgrad = bool(getattr(config, "gradient_accumulation_fusion", False))
         if self.base != "bf16":
             return  # buffers, not parameters: nothing to initialise, split or train (filled at load)
 
@@ -286,21 +289,23 @@ class GroupedGemmExperts(MegatronModule):
         else:  # the per-expert loop needs the counts on the host
             t = tokens_per_expert
             counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
-        h = self._project(self.linear_fc1, x, counts, offsets)
+        h = self._project(self.linear_fc1, x, counts, offsets, self.fuse_wgrad)
         if self.recompute_activation and torch.is_grad_enabled():
             # keep fc1's output and the probabilities, not the activation's output: it is recomputed in backward
             h = torch.utils.checkpoint.checkpoint(self._activation, h, probs, use_reentrant=False)
         else:
             h = self._activation(h, probs)
-        out = self._project(self.linear_fc2, h, counts, offsets)
+        out = self._project(self.linear_fc2, h, counts, offsets, self.fuse_wgrad)
         return out, None
 
     @staticmethod
-    def _project(m: "ExpertWeight", x: torch.Tensor, counts, offsets) -> torch.Tensor:
+    def _project(m: "ExpertWeight", x: torch.Tensor, counts, offsets, fuse_wgrad: bool = False) -> torch.Tensor:
         if m.quantized:
             from ..quant.grouped import quantized_grouped_linear
 
             return quantized_grouped_linear(x, m.dequantized, grouped_linear, counts, offsets)
+        if fuse_wgrad and fused_wgrad_applies(m.weight):
+            return GroupedLinearWgradAccum.apply(x, m.weight, grouped_linear, counts, offsets)
         return grouped_linear(x, m.weight, counts, offsets)
 
     def quantize_(self, base: str = "fp8") -> None:

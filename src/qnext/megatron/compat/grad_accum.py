@@ -14,7 +14,8 @@ stand-in for the extension with that call (and a plain fp32 ``addmm_`` where the
 exist, the reference and the CPU path), registered under the extension's name before megatron imports
 it. ``QNEXT_GRAD_ACCUM_FUSION=1`` turns it on (opt-in until its GPU test,
 ``tests/gpu/test_megatron_model_gpu.py::test_grad_accum_fusion_matches_the_unfused_gradient``, has
-passed); the weights of qnext's grouped experts and the LoRA adapters keep the unfused path.
+passed); qnext's grouped experts accumulate theirs with a kernel of their own (``qnext.megatron.grouped_wgrad``)
+under the same switch, and the LoRA adapters keep the unfused path.
 """
 from __future__ import annotations
 
