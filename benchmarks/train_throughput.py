@@ -112,7 +112,7 @@ def megatron_overrides(args, model, mode: str, ngpu: int) -> list[str]:
     extra = ["train.optimizer_cpu_offload=true"] if mode == "full" and args.full_offload else []
     if mode == "lora" and args.base_dtype != "bf16":
         extra.append(f"train.lora.base_dtype={args.base_dtype}")  # frozen routed experts quantized at load
-    return [*common_overrides(args, model, mode), *par, f"model.megatron_checkpoint={model['mg']}", *extra]
+    return [*common_overrides(args, model, mode), *par, f"model.megatron_checkpoint={model['mg']}", *extra, *args.set]
 
 
 def fsdp_overrides(args, model, mode: str, ngpu: int) -> list[str]:
@@ -284,6 +284,8 @@ def main() -> int:
                     help="parallel.recompute of the Megatron full run (auto: the planner's choice for this GPU)")
     ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8", "nf4"],
                     help="storage of the frozen routed experts in the Megatron LoRA run (train.lora.base_dtype)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe key for the Megatron runs, after the benchmark's own (repeatable), e.g. train.seed=7")
     ap.add_argument("--sync-check", action="store_true",
                     help="one extra step per Megatron run under QNEXT_SYNC_CHECK: its host-device syncs go into the JSON")
     ap.add_argument("--seq", type=int, default=4096)
@@ -376,7 +378,8 @@ def main() -> int:
                 rc = args.recompute_lora if mode == "lora" else args.recompute_full
                 row["layout"] = (f"1 GPU, recompute {rc}" if ngpu == 1 else f"EP{ngpu}") + (
                     ", optimizer CPU offload" if mode == "full" and args.full_offload else "") + (
-                    f", {row['base_dtype'].upper()} experts" if row["base_dtype"] != "bf16" else "")
+                    f", {row['base_dtype'].upper()} experts" if row["base_dtype"] != "bf16" else "") + (
+                    f", {' '.join(args.set)}" if args.set else "")
                 row.update(planned_gib(ovs, ngpu))
             else:
                 wrapped = ngpu > 1 or mode == "full"  # qnext.fsdp.parallelize.needs_fsdp: a bf16 LoRA base on one GPU is not wrapped

@@ -163,3 +163,19 @@ def test_profile_summary_counts_kernel_launches_and_device_time():
                 device_type=DeviceType.CUDA)]
     assert host_device_summary(rows) == ("host (self CPU) total 1.0 ms, device (self CUDA) total 2.5 ms, "
                                          "kernel launches 10 (profiler overhead included)")
+
+
+def test_set_appends_recipe_keys_to_the_megatron_run(tmp_path):
+    """--set KEY=VALUE (e.g. another seed for a second run of the same settings) reaches the Megatron run's
+    recipe after the benchmark's own keys, so it wins, and the composed recipe carries it."""
+    from qnext.config import load_config
+
+    tt = _bench()
+    args = SimpleNamespace(data=tmp_path / "chats.jsonl", seq=256, steps=3, profile=False, sync_check=False, gbs=2, mbs=1,
+                           recompute_lora="none", recompute_full="auto", full_offload=False, base_dtype="bf16",
+                           set=["train.seed=7", "train.lr=3e-4"])
+    model = {"hf": tmp_path / "hf", "mg": tmp_path / "mg"}
+    ov = tt.megatron_overrides(args, model, "lora", 1)
+    assert ov[-2:] == ["train.seed=7", "train.lr=3e-4"] and any(o.startswith("train.lr=") for o in ov[:-2])
+    cfg = load_config([o for o in ov if not o.startswith(("model.", "data.path"))])
+    assert cfg.train.seed == 7 and cfg.train.lr == 3e-4
