@@ -88,3 +88,15 @@ def test_reference_accumulates_each_experts_product():
         want[2] += dy[4:].float().t() @ x[4:].float()
         assert torch.allclose(acc, want, rtol=1e-6, atol=1e-5)
         assert torch.equal(acc[1], start[1])  # no tokens: untouched
+
+
+def test_kernel_benchmark_refuses_a_machine_without_a_gpu(tmp_path):
+    """benchmarks/grouped_wgrad.py times the Triton kernel: without CUDA it says so in one message (no traceback)."""
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark runs")
+    r = subprocess.run([sys.executable, str(TINY.parents[2] / "benchmarks/grouped_wgrad.py"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr, r.stderr

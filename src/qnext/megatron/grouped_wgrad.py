@@ -28,7 +28,9 @@ try:
 except ImportError:  # pragma: no cover - torch ships Triton on Linux; elsewhere the reference runs
     triton = None
 
-BLOCK_N, BLOCK_K, BLOCK_T = 128, 128, 32  # output tile (out x in) and rows per step of the reduction
+# output tile (out x in), rows per step of the reduction, warps, pipeline stages, and whether the main_grad tile is
+# loaded before the reduction (its latency under the loop's) or after it; benchmarks/grouped_wgrad.py times others
+TILE = (128, 128, 32, 8, 3, False)
 
 
 def _group_bounds(counts: Optional[list[int]], offsets: Optional[torch.Tensor]) -> list[int]:
@@ -48,7 +50,7 @@ def wgrad_accum_reference(x: torch.Tensor, dy: torch.Tensor, counts: Optional[li
 if triton is not None:
     @triton.jit
     def _wgrad_accum_kernel(x_ptr, dy_ptr, ends_ptr, g_ptr, N, K, stride_x, stride_dy,
-                            BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr):
+                            BN: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, PRELOAD: tl.constexpr):
         e = tl.program_id(1)
         tiles_k = tl.cdiv(K, BK)
         pn, pk = tl.program_id(0) // tiles_k, tl.program_id(0) % tiles_k
@@ -57,7 +59,12 @@ if triton is not None:
         if end > start:  # an expert without tokens leaves its gradient as it is
             offs_n = pn * BN + tl.arange(0, BN)
             offs_k = pk * BK + tl.arange(0, BK)
-            acc = tl.zeros((BN, BK), dtype=tl.float32)
+            tile = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+            g = g_ptr + e.to(tl.int64) * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+            if PRELOAD:
+                acc = tl.load(g, mask=tile, other=0.0)
+            else:
+                acc = tl.zeros((BN, BK), dtype=tl.float32)
             for t in range(start, end, BT):
                 rows = t + tl.arange(0, BT)
                 live = rows < end
@@ -66,9 +73,9 @@ if triton is not None:
                 xx = tl.load(x_ptr + rows[:, None] * stride_x + offs_k[None, :],
                              mask=live[:, None] & (offs_k[None, :] < K), other=0.0)
                 acc += tl.dot(tl.trans(dy), xx)
-            tile = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-            g = g_ptr + e.to(tl.int64) * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-            tl.store(g, acc + tl.load(g, mask=tile, other=0.0), mask=tile)
+            if not PRELOAD:
+                acc += tl.load(g, mask=tile, other=0.0)
+            tl.store(g, acc, mask=tile)
 
 
 def kernel_applies(x: torch.Tensor, dy: torch.Tensor, main_grad: torch.Tensor, offsets) -> bool:
@@ -77,16 +84,17 @@ def kernel_applies(x: torch.Tensor, dy: torch.Tensor, main_grad: torch.Tensor, o
 
 
 def wgrad_accum(x: torch.Tensor, dy: torch.Tensor, counts: Optional[list[int]], offsets: Optional[torch.Tensor],
-                main_grad: torch.Tensor) -> None:
+                main_grad: torch.Tensor, tile: tuple = TILE) -> None:
     """``main_grad[e] += dy_e^T @ x_e`` (rows of expert ``e`` end at ``offsets[e]``, or ``counts``): the Triton
     kernel for bf16 CUDA tensors with GPU offsets, :func:`wgrad_accum_reference` otherwise."""
     if not kernel_applies(x, dy, main_grad, offsets):
         return wgrad_accum_reference(x, dy, counts, offsets, main_grad)
     x, dy = x.contiguous(), dy.contiguous()  # (no copy for the tensors the experts save: already row-major)
     experts, n, k = main_grad.shape
-    grid = (triton.cdiv(n, BLOCK_N) * triton.cdiv(k, BLOCK_K), experts)
+    bn, bk, bt, warps, stages, preload = tile
+    grid = (triton.cdiv(n, bn) * triton.cdiv(k, bk), experts)
     _wgrad_accum_kernel[grid](x, dy, offsets, main_grad, n, k, x.stride(0), dy.stride(0),
-                              BN=BLOCK_N, BK=BLOCK_K, BT=BLOCK_T, num_warps=8, num_stages=3)
+                              BN=bn, BK=bk, BT=bt, PRELOAD=preload, num_warps=warps, num_stages=stages)
 
 
 class GroupedLinearWgradAccum(torch.autograd.Function):
