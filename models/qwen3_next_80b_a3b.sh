@@ -37,7 +37,6 @@ MODEL_ARGS=(
    --moe-router-topk 10
    --moe-router-score-function softmax
    --moe-layer-freq 1
-   --moe-router-dtype fp32
    --moe-aux-loss-coeff 0.001
    --moe-grouped-gemm
    --moe-token-dispatcher-type alltoall

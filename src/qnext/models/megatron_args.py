@@ -95,7 +95,8 @@ def model_args(cfg: Mapping[str, Any], *, mtp: bool = False, slime: bool = False
             ("--moe-router-topk", str(c.moe_router_topk)),
             ("--moe-router-score-function", c.moe_router_score_function),
             ("--moe-layer-freq", _pattern(freq)),
-            ("--moe-router-dtype", c.moe_router_dtype),
+            # None (the model dtype, as transformers computes the router): megatron's default, no flag
+            *([("--moe-router-dtype", c.moe_router_dtype)] if c.moe_router_dtype else []),
             ("--moe-aux-loss-coeff", _num(c.moe_aux_loss_coeff)),
             *on("--moe-grouped-gemm", c.moe_grouped_gemm),
             ("--moe-token-dispatcher-type", c.moe_token_dispatcher_type),
