@@ -105,7 +105,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "expert_fc1_transposed", "Megatron: the routed experts' fc1 weight used transposed (square in the tiny model)",
         "src/qnext/megatron/experts.py",
-        (("        h = self._project(self.linear_fc1, x, counts, offsets)",
+        (("        h = self._project(self.linear_fc1, x, counts, offsets, self.fuse_wgrad)",
           "        h = grouped_linear(x, self.linear_fc1.weight.transpose(-2, -1), counts, offsets)"),),
         ("tests/unit/test_megatron_model.py::test_grouped_experts_equal_sequential_on_cpu", MEGATRON_VS_HF),
     ),
