@@ -17,15 +17,17 @@
 #   9. the 4-layer proxy's LoRA (Megatron entry, real converted weights), 30 steps each with bf16, FP8 and
 #      NF4 experts: loss curves and held-out losses side by side (~1 min each with a warm cache)
 #  10. the 80B LoRA recipe's per-GPU compute: 48 layers with 64 of the 512 experts (one EP8 rank, balanced
-#      routing), bf16 base, synthetic weights, 30 steps and a profiled one; the record estimates the all-to-all
-#      it leaves out (benchmarks/lora_synthetic.py --experts 64; ~3 min)
+#      routing), bf16 base, synthetic weights, four packed rows of 4096 per forward as qwen3_next_80b_lora_8xh200
+#      runs them, 30 steps and a profiled one; the record estimates the all-to-all it leaves out
+#      (benchmarks/lora_synthetic.py --experts 64 --mbs 4; ~3 min)
 #  11. step 7's Megatron and HF LoRA runs again with the compiled ops off (QNEXT_FUSED=0), to set against
 #      step 7: what compiling costs and buys in a host-bound step (~2 min)
 #  12. issue 14's side-by-side runs: LoRA with 2 packed rows per micro-batch (all three approaches, 30 steps, a
 #      profiled and a sync-checked step), then full training at 16 sequences per step (Megatron and HF; ~5 min)
-#  13. the open questions of the last profiles: the FP8 dequantization's three forms timed (benchmarks/fp8_dequant.py,
-#      ~1 min), and the 48-layer, 64-expert emulation with the compiled ops on and off (at 48 layers the compiled
-#      autograd wrappers' host time may outweigh what they save on the GPU; ~4 min)
+#  13. the FP8 dequantization's three forms timed (benchmarks/fp8_dequant.py, ~1 min), and the 48-layer, 64-expert
+#      emulation at two rows per forward with the compiled ops on and off (~2 min)
+#  14. the grouped experts' fused weight-gradient kernel per tile against the unfused path (benchmarks/grouped_wgrad.py,
+#      ~1 min), then full training at 16 sequences with QNEXT_GRAD_ACCUM_FUSION=1 next to the HF pipeline (~5 min)
 # Usage (repo root): `source benchmarks/device_prep.sh` (wheels, Triton cache, fla patches; a carried parity
 # record skips step 1's check), then bash benchmarks/gpu_megatron_checks.sh KIND [OUTDIR]
 #   KIND names the machine in the file names (e.g. h200); OUTDIR defaults to benchmarks/results/gpu_checks_KIND.
@@ -99,7 +101,7 @@ if want 9; then
 fi
 if want 10; then
   step "80B LoRA per-GPU emulation: 48 layers, 64 experts, bf16 (writes $out/lora_80b_ep8_rank)"
-  timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --steps 30 --warmup 3 --profile \
+  timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --mbs 4 --steps 30 --warmup 3 --profile \
     --out "$out/lora_80b_ep8_rank" 2>&1 | tee "$out/lora_80b_ep8_rank.log" | grep "^\[synthetic\]" | tail -4
 fi
 if want 11; then
@@ -118,10 +120,16 @@ if want 13; then
   step "FP8 dequantization variants (writes $out/fp8_dequant), then 48x64 LoRA with QNEXT_FUSED=1 and 0"
   timed "$py" benchmarks/fp8_dequant.py --out "$out/fp8_dequant" 2>&1 | tee "$out/fp8_dequant.log" | grep "^\[fp8_dequant\]"
   for fused in 1 0; do
-    QNEXT_FUSED=$fused timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --seq 8192 \
+    QNEXT_FUSED=$fused timed "$py" benchmarks/lora_synthetic.py --layers 48 --experts 64 --base-dtype bf16 --mbs 2 \
       --steps 15 --warmup 3 --out "$out/ep8_rank_fused$fused" 2>&1 | tee "$out/ep8_rank_fused$fused.log" \
       | grep "^\[synthetic\]" | tail -2
   done
+fi
+if want 14; then
+  step "fused expert wgrad per tile (writes $out/grouped_wgrad), then full at --gbs 16 with it (writes $out/full_gbs16_fused)"
+  timed "$py" benchmarks/grouped_wgrad.py --out "$out/grouped_wgrad" 2>&1 | tee "$out/grouped_wgrad.log" | grep "^\[grouped_wgrad\]"
+  QNEXT_GRAD_ACCUM_FUSION=1 timed "$py" benchmarks/train_throughput.py --out "$out/full_gbs16_fused" --only megatron:full,hf:full \
+    --gbs 16 --mbs 2 --steps 10 --warmup 3 --profile --timeout 170 2>&1 | tee "$out/full_gbs16_fused.log" | grep "^\[bench\]"
 fi
 if [ -n "${TRITON_TAR:-}" ]; then
   tar czf "$TRITON_TAR" -C "$(dirname "$TRITON_CACHE_DIR")" "$(basename "$TRITON_CACHE_DIR")" && ls -l "$TRITON_TAR"
