@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,17 +42,9 @@ def variants() -> dict:
 
 def timed(fn, q, scale, iters: int) -> float:
     """Median seconds of ``fn(q, scale, bf16)`` over ``iters`` calls (after one untimed call)."""
-    fn(q, scale, torch.bfloat16)
-    times = []
-    for _ in range(iters):
-        if q.is_cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(q, scale, torch.bfloat16)
-        if q.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    from qnext.metrics import median_seconds
+
+    return median_seconds(lambda: fn(q, scale, torch.bfloat16), iters, q.is_cuda)
 
 
 @cli_main

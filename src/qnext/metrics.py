@@ -71,6 +71,24 @@ PROFILE_ENV = "QNEXT_PROFILE_STEP"
 TRACE_ENV = "QNEXT_PROFILE_TRACE"  # =1: the profiled step's timeline too (profile_step<N>_rank<R>.trace.json.gz)
 
 
+def median_seconds(call, iters: int, cuda: bool) -> float:
+    """Median wall seconds of ``call()`` over ``iters`` calls after one untimed call (``cuda``: each timed call
+    between device synchronizations, so that its kernels are inside the time)."""
+    import statistics
+
+    call()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def profile_step_wanted(step: int) -> bool:
     """``QNEXT_PROFILE_STEP=N`` asks for a profile of step N (1-based); checked before each step."""
     raw = os.environ.get(PROFILE_ENV, "").strip()

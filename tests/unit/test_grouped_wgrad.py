@@ -17,10 +17,9 @@ TINY = Path(__file__).resolve().parents[2] / "models/tiny_qwen3_next/config.json
 
 @pytest.fixture(scope="module")
 def world():
-    from qnext.megatron.parallel import initialize_parallel
+    from dist_fixtures import gloo_world_of_one
 
-    initialize_parallel()
-    yield
+    gloo_world_of_one()
 
 
 def _main_grads(fused: bool) -> dict[str, torch.Tensor]:
