@@ -323,7 +323,12 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
 
 
 RECOMPUTE_ORDER = ("none", "experts_act", "selective", "full")  # least recomputation (fastest step) first
-AUTO_HEADROOM = 0.95  # a level is chosen when its planned peak (allowances included) is within this share of the GPU
+# a level is chosen when its planned peak (allowances included) is within this share of the GPU. Measured on one
+# H200 (139.8 GiB), full training of the 4-layer proxy at 2 x 4096 tokens per micro-batch: without recompute the
+# step allocated 130.9 GiB (94%) and the caching allocator ran short and synchronized, 1.317 s per step against
+# 1.218 s with selective recompute at 126.5 GiB (90%; speed_h200_2026-12-04/, sections 8-9). With 0.95 and the
+# planner's 2 B per logit, auto would pick the slower level there
+AUTO_HEADROOM = 0.92
 DEFAULT_GPU_BYTES = 80 * GIB  # for recompute=auto where no GPU is visible (planning on a CPU)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from qnext.config import load_config
-from qnext.plan import GIB, choose_recompute, plan, resolve_recompute
+from qnext.plan import AUTO_HEADROOM, GIB, choose_recompute, plan, resolve_recompute
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,7 @@ def test_auto_takes_the_least_recompute_that_fits(tmp_path):
 
     peaks = {lv: plan(replace(full, parallel=replace(full.parallel, recompute=lv)), 1).peak
              for lv in ("none", "selective", "full")}
-    expect = next((lv for lv in ("none", "selective", "full") if peaks[lv] <= 0.95 * 141 * GIB), "full")
+    expect = next((lv for lv in ("none", "selective", "full") if peaks[lv] <= AUTO_HEADROOM * 141 * GIB), "full")
     assert level == expect, (level, {k: v / GIB for k, v in peaks.items()})
     assert peaks["none"] > peaks["selective"] > peaks["full"]
     # a small GPU pushes LoRA to recompute too
@@ -67,3 +67,12 @@ def test_bad_recompute_value_is_named():
 
     with pytest.raises(UserError, match="parallel.recompute='some'"):
         validate_config(load_config(["parallel.recompute=some"]), world_size=1, check_files=False)
+
+
+def test_full_proxy_on_an_h200_keeps_selective_recompute(tmp_path):
+    """Measured on one H200 (139.8 GiB visible), full training of the proxy at 16 sequences, 2 rows per
+    micro-batch: no recompute allocated 130.9 GiB and was slower (the allocator ran short and synchronized,
+    1.317 s per step) than selective recompute (1.218 s at 126.5 GiB). auto must keep choosing selective there."""
+    ov = [*_proxy(tmp_path, "full"), "train.micro_batch_size=2", "train.global_batch_size=16"]
+    level, why = choose_recompute(load_config(ov), 1, 139.8 * GIB)
+    assert level == "selective", why  # (experts_act keeps nearly what none keeps: 0.3 GiB less planned)
