@@ -30,12 +30,6 @@ TILES = [(128, 128, 32, 8, 3, False), (128, 128, 32, 8, 3, True), (128, 128, 64,
          (256, 128, 32, 8, 3, True), (64, 64, 32, 4, 4, True)]
 
 
-def median_s(fn, iters: int) -> float:
-    from qnext.metrics import median_seconds
-
-    return median_seconds(fn, iters, cuda=True)
-
-
 @cli_main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,11 +37,15 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.rows_per_expert < 1 or args.iters < 1:
+        raise UserError(f"--rows-per-expert {args.rows_per_expert} --iters {args.iters}", hint="both must be at least 1")
     if not torch.cuda.is_available():
         raise UserError("benchmarks/grouped_wgrad.py times a Triton kernel: it needs a CUDA GPU",
                         hint="run it on a GPU machine; the CPU test of the accumulation is tests/unit/test_grouped_wgrad.py")
     from qnext.megatron.compat.main_grad import accumulate
+    from qnext.fsutil import atomic_write_text
     from qnext.megatron.grouped_wgrad import TILE, wgrad_accum, wgrad_accum_reference
+    from qnext.metrics import median_seconds
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     records = []
@@ -67,17 +65,18 @@ def main(argv=None) -> int:
             wgrad_accum(x, dy, None, offsets, got, tile)
             rel = float((got - want).norm()) / scale
             del got
-            s = median_s(lambda: wgrad_accum(x, dy, None, offsets, grad, tile), args.iters)
+            s = median_seconds(lambda: wgrad_accum(x, dy, None, offsets, grad, tile), args.iters, cuda=True)
             records.append({"weight": name, "shape": [512, n, k], "rows": rows, "variant": "fused", "tile": list(tile),
                             "default": tile == TILE, "ms": s * 1e3, "tb_s": 8 * grad.numel() / s / 1e12, "rel_l2": rel})
             print(f"[grouped_wgrad] {name} fused {tile}: {s * 1e3:.3f} ms, {records[-1]['tb_s']:.2f} TB/s, "
                   f"rel L2 {rel:.1e}" + (" (default)" if tile == TILE else ""), flush=True)
-        s = median_s(lambda: accumulate(grad, torch._grouped_mm(dy.t(), x, offs=offsets)), args.iters)
+        s = median_seconds(lambda: accumulate(grad, torch._grouped_mm(dy.t(), x, offs=offsets)), args.iters, cuda=True)
         records.append({"weight": name, "shape": [512, n, k], "rows": rows, "variant": "unfused", "ms": s * 1e3})
         print(f"[grouped_wgrad] {name} unfused (bf16 grouped GEMM + compiled add): {s * 1e3:.3f} ms", flush=True)
         del x, dy, start, want, grad
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "grouped_wgrad.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "records": records}, indent=1))
+    atomic_write_text(args.out / "grouped_wgrad.json",
+                      json.dumps({"device": torch.cuda.get_device_name(), "records": records}, indent=1) + "\n")
     return 0
 
 
