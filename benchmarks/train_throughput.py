@@ -278,9 +278,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=512,
                     help="routed experts per MoE layer (64 with --layers 48: one EP8 rank of the 80B model)")
-    ap.add_argument("--recompute-lora", default="auto", choices=["auto", "none", "selective", "full"],
+    ap.add_argument("--recompute-lora", default="auto", choices=["auto", "none", "experts_act", "experts", "selective", "full"],
                     help="parallel.recompute of the Megatron LoRA run (auto: the planner's choice for this GPU)")
-    ap.add_argument("--recompute-full", default="auto", choices=["auto", "none", "selective", "full"],
+    ap.add_argument("--recompute-full", default="auto", choices=["auto", "none", "experts_act", "experts", "selective", "full"],
                     help="parallel.recompute of the Megatron full run (auto: the planner's choice for this GPU)")
     ap.add_argument("--base-dtype", default="bf16", choices=["bf16", "fp8", "nf4"],
                     help="storage of the frozen routed experts in the Megatron LoRA run (train.lora.base_dtype)")

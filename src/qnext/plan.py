@@ -134,10 +134,13 @@ def lora_params_per_layer(hf: Mapping[str, Any], cfg: RecipeConfig) -> list[int]
     return out
 
 
-def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute: str, frozen_experts: bool = False) -> int:
+def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute: str, frozen_experts: bool = False,
+                               regather: bool = False) -> int:
     """bf16 bytes kept for the backward pass per token in one decoder layer (estimate). ``frozen_experts``
     (LoRA without expert adapters): autograd keeps a matmul's input only for its weight's gradient, so the
-    routed experts' dispatched tokens and fc2 inputs are not kept (SwiGLU keeps its fc1 output)."""
+    routed experts' dispatched tokens and fc2 inputs are not kept (SwiGLU keeps its fc1 output). ``regather``
+    (every expert on the GPU, qnext's sorted dispatcher): the dispatched tokens are gathered again for fc1's
+    weight gradient instead of kept (``qnext.megatron.regather``)."""
     h = int(hf["hidden_size"])
     topk, f = int(hf.get("num_experts_per_tok", 0)), int(hf.get("moe_intermediate_size", 0))
     fs, experts = int(hf.get("shared_expert_intermediate_size", 0)), int(hf.get("num_experts", 0))
@@ -157,12 +160,23 @@ def activation_bytes_per_token(hf: Mapping[str, Any], layer_type: str, recompute
         b += 2 * (2 * hk * dk + hv * dv) * 2  # conv input and output
         b += 2 * hv * dv * 3  # chunked rule output, gated-norm input and output (out_proj input)
     moe = 4 * experts + topk * 2 * (h + 3 * f) + 2 * (3 * fs)  # router logits (fp32), dispatched tokens, FFNs
-    if recompute == "experts_act" or frozen_experts:
-        moe -= topk * 2 * f  # the routed experts' activation output (fc2's input): recomputed, or not kept
-    if frozen_experts:
-        moe -= topk * 2 * h  # the dispatched tokens (fc1's input)
+    if recompute == "experts":  # the routed experts recomputed: only their input is kept, where it is not regathered
+        moe -= topk * 2 * (3 * f) + (topk * 2 * h if regather else 0)
+    else:
+        if recompute == "experts_act" or frozen_experts:
+            moe -= topk * 2 * f  # the routed experts' activation output (fc2's input): recomputed, or not kept
+        if frozen_experts or regather:
+            moe -= topk * 2 * h  # the dispatched tokens (fc1's input)
     b += 0 if recompute == "selective" else moe
     return b
+
+
+def _regather_applies() -> bool:
+    """Whether the sorted dispatcher and its regathered expert input are switched on (they apply at EP = ETP = 1)."""
+    from .megatron.dispatch import dispatch_mode
+    from .megatron.regather import regather_enabled
+
+    return dispatch_mode() == "sorted" and regather_enabled()
 
 
 @dataclass
@@ -254,6 +268,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     one_layer_bf16 = 2 * max(pc.experts) / (ep * etp) if quantized and pc.experts else 0.0
     scratch = NF4_SCRATCH if base == "nf4" else QUANT_SCRATCH if quantized else 0.0
     largest = 2 * max(pc.embedding, pc.head) / tp  # bytes of the biggest single (bf16) tensor a load may stage
+    regather = ep * etp == 1 and _regather_applies()
     best = None
     for stage in range(pp):
         idx = range(stage * per_stage, (stage + 1) * per_stage)
@@ -263,8 +278,8 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
         n_lora = sum(lora_layer[i] for i in idx) / tp
         inflight = min(pp - stage, max(1, t.global_batch_size // (t.micro_batch_size * dp))) if pp > 1 else 1
         tokens = t.micro_batch_size * d.seq_length / (cp * (tp if p.sequence_parallel else 1))
-        act = sum(activation_bytes_per_token(hf, types[i], p.recompute, frozen_experts=lora and not t.lora.experts)
-                  for i in idx) * tokens * inflight
+        act = sum(activation_bytes_per_token(hf, types[i], p.recompute, frozen_experts=lora and not t.lora.experts,
+                                             regather=regather) for i in idx) * tokens * inflight
         logits = 0.0
         if stage == pp - 1:
             # the bf16 logits and, with the vocabulary split over TP ranks, megatron's fp32 copy (vocab-parallel
@@ -322,7 +337,7 @@ def plan(cfg: RecipeConfig, world_size: int | None = None, fused_adam: Optional[
     return pl
 
 
-RECOMPUTE_ORDER = ("none", "experts_act", "selective", "full")  # least recomputation (fastest step) first
+RECOMPUTE_ORDER = ("none", "experts_act", "experts", "selective", "full")  # least recomputation (fastest step) first
 # a level is chosen when its planned peak (allowances included) is within this share of the GPU. Measured on one
 # H200 (139.8 GiB), full training of the 4-layer proxy at 2 x 4096 tokens per micro-batch: without recompute the
 # step allocated 130.9 GiB (94%) and the caching allocator ran short and synchronized, 1.317 s per step against

@@ -446,3 +446,48 @@ def test_two_packed_rows_in_one_micro_batch_equal_two_micro_batches_on_gpu(world
     print(f"two rows in one micro-batch vs two micro-batches, worst rel L2: {worst}")
     assert g2.keys() == g1.keys() and errs["loss"] < 1e-2
     assert max(errs.values()) < 3e-2, worst
+
+
+def test_moe_regather_frees_the_experts_input_on_gpu(world, monkeypatch):
+    """The MoE block on the GPU path (bf16, sorted dispatcher, torch's grouped GEMM): the experts' gathered input
+    (k rows per token) is not kept between forward and backward, the memory held after the forward falls by
+    those rows' bytes, and the gradients are the same bits as keeping them (QNEXT_MOE_REGATHER=0)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from qnext.megatron.config import hf_to_transformer_config
+    from qnext.megatron.dispatch import SortedTokenDispatcher
+    from qnext.megatron.spec import _local_moe
+
+    cfg = json.loads(TINY.read_text()) | {"hidden_size": 512, "num_experts": 32, "num_experts_per_tok": 8,
+                                          "moe_intermediate_size": 256, "shared_expert_intermediate_size": 256}
+    tokens, runs = 2048, {}
+    layer = _local_moe()(config=hf_to_transformer_config(cfg, None, torch.bfloat16).config, layer_number=1).cuda()
+    assert isinstance(layer.token_dispatcher, SortedTokenDispatcher)
+    seen, forward = [], layer.experts.forward
+
+    def spy(rows, *args, **kwargs):
+        seen.append(StorageWeakRef(rows.untyped_storage()))
+        return forward(rows, *args, **kwargs)
+
+    layer.experts.forward = spy
+    for keep in ("0", "1"):  # the same layer and input; the switch is read at each forward
+        monkeypatch.setenv("QNEXT_MOE_REGATHER", keep)
+        layer.zero_grad(set_to_none=True)
+        x = torch.randn(tokens, 1, 512, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        x = x.bfloat16().requires_grad_(True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out, _ = layer(x)
+        torch.cuda.synchronize()
+        held, alive = torch.cuda.memory_allocated() - before, not seen[-1].expired()
+        out.backward(torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out).bfloat16())
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        runs[keep] = (alive, held, out.detach(), x.grad, grads)
+    rows_bytes = tokens * 8 * 512 * 2
+    print(f"held after the forward: {runs['0'][1] / 2**20:.1f} MiB keeping the rows, {runs['1'][1] / 2**20:.1f} MiB "
+          f"gathering them again (rows {rows_bytes / 2**20:.1f} MiB)")
+    assert runs["0"][0] and not runs["1"][0]
+    assert runs["0"][1] - runs["1"][1] >= rows_bytes
+    assert torch.equal(runs["1"][2], runs["0"][2]) and torch.equal(runs["1"][3], runs["0"][3])
+    for name, g in runs["0"][4].items():
+        assert torch.equal(runs["1"][4][name], g), name

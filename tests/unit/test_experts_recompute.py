@@ -21,7 +21,7 @@ def world():
     yield
 
 
-def _run(recompute: bool, weights=None):
+def _run(recompute, weights=None):
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
     from qnext.megatron.config import hf_to_transformer_config
@@ -29,10 +29,11 @@ def _run(recompute: bool, weights=None):
     from qnext.megatron.parallel import CPU_BUILD_OVERRIDES
 
     cfg = json.loads(TINY.read_text()) | {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 6}
-    tc = hf_to_transformer_config(cfg, None, torch.float32, qnext_recompute_experts_act=recompute,
-                                  **CPU_BUILD_OVERRIDES).config
+    level = {False: "none", True: "experts_act"}.get(recompute, recompute)
+    tc = hf_to_transformer_config(cfg, None, torch.float32, qnext_recompute_experts_act=level == "experts_act",
+                                  qnext_recompute_experts=level == "experts", **CPU_BUILD_OVERRIDES).config
     m = GroupedGemmExperts(6, tc, pg_collection=get_default_pg_collection())
-    assert m.recompute_activation == recompute
+    assert (m.recompute_activation, m.recompute_experts) == (level == "experts_act", level == "experts")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name in ("linear_fc1", "linear_fc2"):
@@ -63,10 +64,24 @@ def test_recomputed_activation_gives_the_same_gradients_and_saves_its_output(wor
     assert saved - saved_r >= act_bytes
 
 
+def test_recomputed_experts_give_the_same_gradients_and_keep_only_their_input(world):
+    """parallel.recompute=experts: the routed experts run again in the backward; nothing of theirs is kept but
+    their input and the probabilities (held by the checkpoint itself, not through autograd's saved tensors)."""
+    out, grads, saved, act_bytes = _run("none")
+    out_r, grads_r, saved_r, _ = _run("experts")
+    _, _, saved_act, _ = _run("experts_act")
+    assert torch.equal(out, out_r)
+    for a, b in zip(grads, grads_r):
+        assert torch.equal(a, b)
+    print(f"bytes saved for backward: none {saved}, experts_act {saved_act}, experts {saved_r}")
+    inputs = act_bytes // 32 * (64 + 1)  # the rows (64 float32 values each) and their probabilities
+    assert saved_r <= inputs < saved_act < saved
+
+
 def test_planner_orders_the_levels(world):
     from qnext.config import load_config
     from qnext.plan import plan
 
     acts = {lvl: plan(load_config(["recipe=qwen3_next_80b_full", f"parallel.recompute={lvl}"]), world_size=32).activations
-            for lvl in ("none", "experts_act", "selective", "full")}
-    assert acts["none"] > acts["experts_act"] > acts["selective"] > acts["full"]
+            for lvl in ("none", "experts_act", "experts", "selective", "full")}
+    assert acts["none"] > acts["experts_act"] > acts["experts"] > acts["selective"] > acts["full"]

@@ -28,14 +28,14 @@ def world():
     yield
 
 
-def _layer(mode: str, monkeypatch, hidden: int = 64, experts: int = 8, topk: int = 3):
+def _layer(mode: str, monkeypatch, hidden: int = 64, experts: int = 8, topk: int = 3, **overrides):
     from qnext.megatron.config import hf_to_transformer_config
     from qnext.megatron.parallel import CPU_BUILD_OVERRIDES, construction_device
     from qnext.megatron.spec import _local_moe
 
     cfg = json.loads(TINY.read_text()) | {"hidden_size": hidden, "num_experts": experts, "num_experts_per_tok": topk,
                                           "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}
-    tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES).config
+    tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES, **overrides).config
     monkeypatch.setenv("QNEXT_MOE_DISPATCH", mode)
     with construction_device("cpu"):
         layer = _local_moe()(config=tc, layer_number=1)
@@ -110,3 +110,80 @@ def test_dispatch_mode_is_checked(monkeypatch):
     monkeypatch.setenv("QNEXT_MOE_DISPATCH", "fast")
     with pytest.raises(UserError, match="QNEXT_MOE_DISPATCH"):
         dispatch_mode()
+
+
+def _step_keeping_track_of_the_experts_input(layer, x, monkeypatch):
+    """(whether the experts' input rows are still alive between forward and backward, output, input gradient,
+    weight gradients)."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from qnext.megatron.parallel import construction_device
+
+    seen = []
+    forward = layer.experts.forward
+
+    def spy(rows, *args, **kwargs):
+        seen.append(StorageWeakRef(rows.untyped_storage()))
+        return forward(rows, *args, **kwargs)
+
+    monkeypatch.setattr(layer.experts, "forward", spy)
+    x = x.clone().requires_grad_(True)
+    with construction_device("cpu"):
+        out, _ = layer(x)
+    gc.collect()
+    alive = not seen[0].expired()
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return alive, out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def test_experts_input_is_gathered_again_for_the_backward_not_kept(world, monkeypatch):
+    """The sorted dispatcher's gathered rows (k per token) are not kept from the forward to fc1's weight
+    gradient: they are gathered again from the MoE input. Same bits as keeping them (QNEXT_MOE_REGATHER=0)."""
+    x = torch.randn(40, 2, 64, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for keep in ("0", "1"):
+        monkeypatch.setenv("QNEXT_MOE_REGATHER", keep)
+        runs[keep] = _step_keeping_track_of_the_experts_input(_layer("sorted", monkeypatch), x, monkeypatch)
+    assert runs["0"][0], "with QNEXT_MOE_REGATHER=0 autograd keeps the experts' input (the check can see it)"
+    assert not runs["1"][0], "the experts' input rows were kept for the backward"
+    kept, again = runs["0"], runs["1"]
+    assert torch.equal(again[1], kept[1]) and torch.equal(again[2], kept[2])
+    assert again[3].keys() == kept[3].keys() and any("experts" in n for n in kept[3])
+    for name in kept[3]:
+        assert torch.equal(again[3][name], kept[3][name]), name
+
+
+def test_recomputed_experts_gather_their_input_again_and_give_the_same_bits(world, monkeypatch):
+    """parallel.recompute=experts in the MoE block: the experts' gathered rows are not kept (their recompute starts
+    from the MoE input) and the output and every gradient are the bits of the layer without recompute."""
+    x = torch.randn(40, 2, 64, generator=torch.Generator().manual_seed(1))
+    plain = _step_keeping_track_of_the_experts_input(_layer("sorted", monkeypatch), x, monkeypatch)
+    layer = _layer("sorted", monkeypatch, qnext_recompute_experts=True)
+    assert layer.experts.recompute_experts
+    again = _step_keeping_track_of_the_experts_input(layer, x, monkeypatch)
+    assert not again[0], "the experts' input rows were kept for the backward"
+    assert torch.equal(again[1], plain[1]) and torch.equal(again[2], plain[2])
+    for name in plain[3]:
+        assert torch.equal(again[3][name], plain[3][name]), name
+
+
+def test_regather_refuses_an_input_changed_in_place(world, monkeypatch):
+    from qnext.megatron.parallel import construction_device
+
+    layer = _layer("sorted", monkeypatch)
+    x = torch.randn(40, 2, 64, requires_grad=True)
+    h = x * 1.0  # a non-leaf the MoE block reads (as the pre-MLP norm's output)
+    with construction_device("cpu"):
+        out, _ = layer(h)
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match="cannot be gathered again"):
+        out.sum().backward()
+    monkeypatch.setenv("QNEXT_MOE_REGATHER", "2")
+    from qnext.errors import UserError
+    from qnext.megatron.regather import regather_enabled
+
+    with pytest.raises(UserError, match="QNEXT_MOE_REGATHER"):
+        regather_enabled()

@@ -86,7 +86,7 @@ class ParallelConfig:
     cp: int = 1  # context parallel
     sequence_parallel: bool = False
     # auto: the Megatron backend takes the least recompute whose memory plan fits the GPU (qnext.plan.
-    # choose_recompute; the FSDP backend does not recompute then) | none | experts_act | selective | full
+    # choose_recompute; the FSDP backend does not recompute then) | none | experts_act | experts | selective | full
     recompute: str = "auto"
     num_gpus_per_node: int = 8
     num_nodes: int = 1

@@ -16,7 +16,7 @@ CHOICES = {
     "parallel.backend": ("megatron", "fsdp"),
     "parallel.device": ("auto", "cuda", "cpu"),
     "parallel.dtype": ("bf16", "fp32"),
-    "parallel.recompute": ("auto", "none", "experts_act", "selective", "full"),
+    "parallel.recompute": ("auto", "none", "experts_act", "experts", "selective", "full"),
     "data.format": ("chat_jsonl",),
     "data.overlong": ("truncate", "drop"),
     "resume_choices": (),
@@ -122,9 +122,9 @@ def validate_config(cfg: RecipeConfig, world_size: int | None = None, check_file
             "parallel.backend=fsdp shards only along data parallel: set parallel.tp/pp/ep/cp to 1 "
             "(or use parallel.backend=megatron)"
         )
-    if p.backend == "fsdp" and p.recompute == "experts_act":
-        problems.append("parallel.recompute=experts_act is the Megatron backend's (qnext's grouped experts); the FSDP "
-                        "backend checkpoints whole layers: use parallel.recompute=full or none")
+    if p.backend == "fsdp" and p.recompute in ("experts_act", "experts"):
+        problems.append(f"parallel.recompute={p.recompute} is the Megatron backend's (qnext's grouped experts); the "
+                        "FSDP backend checkpoints whole layers: use parallel.recompute=full or none")
     if p.sequence_parallel and p.tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tp > 1")
     if t.lora.base_dtype != "bf16":

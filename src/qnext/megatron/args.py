@@ -31,12 +31,15 @@ TENSORBOARD_SUBDIR = "tensorboard"
 # recipe parallel.recompute -> megatron's recompute flags. "experts_act" recomputes only the routed
 # experts' activation (SwiGLU x routing probability) in the backward instead of keeping its output: qnext's
 # GroupedGemmExperts does that itself (megatron's "moe_act" accepts only its grouped-GEMM experts), so it
-# has no megatron flag (qnext.megatron.provider sets the model's field); "selective" recomputes the softmax
+# has no megatron flag (qnext.megatron.provider sets the model's field); "experts" (qnext's too) recomputes the
+# routed experts (the gather of their tokens, fc1, the activation, fc2) and keeps the router's and the shared
+# expert's tensors, which megatron's "moe" module recomputes as well; "selective" recomputes the softmax
 # attention core and the whole MoE block (router, token dispatch, 10 routed experts: the largest
 # activations of Qwen3-Next); "full" recomputes every layer from its input.
 RECOMPUTE = {
     "none": [],
     "experts_act": [],
+    "experts": [],
     "selective": ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "moe"],
     "full": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
 }

@@ -297,10 +297,12 @@ def hf_to_transformer_config(
     # qnext's own fields (GroupedGemmExperts reads them); TransformerConfig does not take them
     expert_base = overrides.pop("qnext_expert_base", "bf16")
     recompute_experts_act = bool(overrides.pop("qnext_recompute_experts_act", False))
+    recompute_experts = bool(overrides.pop("qnext_recompute_experts", False))
     kwargs.update(overrides)
     config = TransformerConfig(**kwargs)
     config.qnext_expert_base = expert_base
     config.qnext_recompute_experts_act = recompute_experts_act
+    config.qnext_recompute_experts = recompute_experts
     return MegatronModelArgs(
         config=config,
         vocab_size=int(cfg["vocab_size"]),

@@ -35,6 +35,8 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from .regather import mark_gathered
+
 ENV = "QNEXT_MOE_DISPATCH"
 
 
@@ -132,7 +134,10 @@ class SortedTokenDispatcher(MoETokenDispatcher):
         # per-expert counts by a scatter-add (CUDA's bincount reads the largest id on the host first)
         self.tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        permuted = _GatherPairs.apply(x, order // k, inverse, k)
+        token_of = order // k
+        # marked: the experts' fc1 saves (x, token_of) for its backward instead of these rows (qnext.megatron.regather)
+        permuted = mark_gathered(_GatherPairs.apply(x, token_of, inverse, k), x, token_of,
+                                 lambda src: _GatherPairs.apply(src, token_of, inverse, k))
         permuted_probs = _Permute.apply(probs.gather(1, experts).reshape(-1), order, inverse)
         return permuted, permuted_probs
 

@@ -31,6 +31,7 @@ from megatron.core.utils import divide
 
 from .fused import swiglu_probs
 from .grouped_wgrad import GroupedLinearWgradAccum, fused_wgrad_applies
+from .regather import gathered_from, regathered
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -226,6 +227,8 @@ class GroupedGemmExperts(MegatronModule):
         self._load_view: Optional[dict[str, torch.Tensor]] = None  # see sharded_state_dict
         # parallel.recompute=experts_act (qnext's field: megatron's "moe_act" accepts only its own experts)
         self.recompute_activation = bool(getattr(config, "qnext_recompute_experts_act", False))
+        # parallel.recompute=experts: the routed experts (gather, fc1, activation, fc2) recomputed in the backward
+        self.recompute_experts = bool(getattr(config, "qnext_recompute_experts", False))
         # gradient accumulation fusion (QNEXT_GRAD_ACCUM_FUSION=1): weight gradients straight into DDP's fp32 main_grad
         self.fuse_wgrad = bool(getattr(config, "gradient_accumulation_fusion", False))
         if self.base != "bf16":
@@ -289,14 +292,31 @@ class GroupedGemmExperts(MegatronModule):
         else:  # the per-expert loop needs the counts on the host
             t = tokens_per_expert
             counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
-        h = self._project(self.linear_fc1, x, counts, offsets, self.fuse_wgrad)
+        if self.recompute_experts and torch.is_grad_enabled():
+            # parallel.recompute=experts: nothing of the routed experts is kept for the backward but their input's
+            # source (the MoE block's input, kept anyway) and the routing; the backward gathers, runs fc1 and the
+            # activation again and (its saved tensors being stored before its GEMM) stops short of fc2's forward
+            # where the weight gradient is fused (torch's grouped GEMM saves after it: fc2 runs again there)
+            src = gathered_from(x)
+            fn, args = (self._routed_from, (src.gather, src.source)) if src is not None else (self._routed, (x,))
+            out = torch.utils.checkpoint.checkpoint(fn, *args, probs, counts, offsets, use_reentrant=False,
+                                                    preserve_rng_state=False)
+            return out, None
+        return self._routed(x, probs, counts, offsets), None
+
+    def _routed_from(self, gather, source: torch.Tensor, probs, counts, offsets) -> torch.Tensor:
+        return self._routed(gather(source), probs, counts, offsets)
+
+    def _routed(self, x: torch.Tensor, probs: torch.Tensor, counts, offsets) -> torch.Tensor:
+        """fc1, the activation times the routing probability, fc2, for rows grouped by expert."""
+        with regathered(x):  # the dispatcher's gathered rows: gathered again for fc1's backward, not kept
+            h = self._project(self.linear_fc1, x, counts, offsets, self.fuse_wgrad)
         if self.recompute_activation and torch.is_grad_enabled():
             # keep fc1's output and the probabilities, not the activation's output: it is recomputed in backward
             h = torch.utils.checkpoint.checkpoint(self._activation, h, probs, use_reentrant=False)
         else:
             h = self._activation(h, probs)
-        out = self._project(self.linear_fc2, h, counts, offsets, self.fuse_wgrad)
-        return out, None
+        return self._project(self.linear_fc2, h, counts, offsets, self.fuse_wgrad)
 
     @staticmethod
     def _project(m: "ExpertWeight", x: torch.Tensor, counts, offsets, fuse_wgrad: bool = False) -> torch.Tensor:

@@ -66,11 +66,12 @@ def model_provider(prep: Prepared, args, check_base_against: Optional[set[str]])
                             "(qnext's grouped GEMM experts), which are used only where Transformer Engine is not installed",
                             hint="run where transformer-engine is not installed, or set train.lora.base_dtype=bf16")
         overrides["qnext_expert_base"] = prep.cfg.train.lora.base_dtype  # FP8 storage, filled by quant_load
-    if prep.cfg.parallel.recompute == "experts_act":  # no megatron flag: qnext's grouped experts do it
+    level = prep.cfg.parallel.recompute
+    if level in ("experts_act", "experts"):  # no megatron flag: qnext's grouped experts do it
         if prep.use_te:
-            raise UserError("parallel.recompute=experts_act is implemented by qnext's TE-free expert layers",
+            raise UserError(f"parallel.recompute={level} is implemented by qnext's TE-free expert layers",
                             hint="use parallel.recompute=selective with Transformer Engine")
-        overrides["qnext_recompute_experts_act"] = True
+        overrides[f"qnext_recompute_{level}"] = True
     if not prep.use_te and grad_accum.enabled():  # wgrad GEMMs write into the fp32 main_grad (compat.grad_accum)
         overrides["gradient_accumulation_fusion"] = grad_accum.install_grad_accum_fusion()
 
