@@ -22,7 +22,9 @@ def world():
     gloo_world_of_one()
 
 
-def _main_grads(fused: bool) -> dict[str, torch.Tensor]:
+def _main_grads(fused: bool, marked: bool = False, recompute: str = "none") -> dict[str, torch.Tensor]:
+    """``marked``: the rows come gathered from a source as the sorted dispatcher hands them (regathered for the
+    backward, qnext.megatron.regather); ``recompute=experts``: the experts run again in the backward."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -35,6 +37,7 @@ def _main_grads(fused: bool) -> dict[str, torch.Tensor]:
     tc = hf_to_transformer_config(cfg, None, torch.float32, **CPU_BUILD_OVERRIDES).config
     tc.perform_initialization = True
     tc.gradient_accumulation_fusion = fused
+    tc.qnext_recompute_experts = recompute == "experts"
     torch.manual_seed(0)
     with cpu_training():
         experts = GroupedGemmExperts(6, tc, pg_collection=get_default_pg_collection())
@@ -47,6 +50,11 @@ def _main_grads(fused: bool) -> dict[str, torch.Tensor]:
         for counts in ([3, 0, 5, 1, 0, 7], [2, 4, 0, 0, 6, 1]):  # two micro-batches; experts without tokens
             counts = torch.tensor(counts)
             x = torch.randn(int(counts.sum()), 32, generator=gen)
+            if marked:
+                from qnext.megatron.regather import mark_gathered
+
+                src, index = x[:9].clone(), torch.randint(0, 9, (x.shape[0],), generator=gen)
+                x = mark_gathered(src.index_select(0, index), src, index, lambda s, i=index: s.index_select(0, i))
             out, _ = ddp(x, counts, torch.rand(x.shape[0], generator=gen))
             (out.float() ** 2).sum().backward()
     for p in experts.parameters():
@@ -66,6 +74,19 @@ def test_fused_expert_wgrad_equals_the_unfused_path(world, monkeypatch):
     assert calls == [(6, 32, 16), (6, 32, 32)] * 2  # fc2 then fc1 (backward order), each micro-batch
     for name, g in plain.items():
         assert float(g.norm()) > 0
+        rel = float((fused[name] - g).norm() / g.norm())
+        assert rel < 1e-6, (name, rel)
+
+
+@pytest.mark.parametrize("recompute", ["none", "experts"])
+def test_fused_expert_wgrad_with_regathered_rows(world, recompute):
+    """The fused accumulation behind autograd's saved-tensor hooks (the regathered input, the experts' recompute):
+    the weight reaches the backward as a plain tensor there, so the Function must not read DDP's main_grad from it."""
+    plain = _main_grads(False, marked=True, recompute=recompute)
+    fused = _main_grads(True, marked=True, recompute=recompute)
+    unmarked = _main_grads(True, marked=False)
+    for name, g in plain.items():
+        assert float(g.norm()) > 0 and not torch.equal(g, unmarked[name])  # the marked rows are other rows
         rel = float((fused[name] - g).norm() / g.norm())
         assert rel < 1e-6, (name, rel)
 

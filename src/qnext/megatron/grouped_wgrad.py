@@ -29,8 +29,10 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux; elsewhere
     triton = None
 
 # output tile (out x in), rows per step of the reduction, warps, pipeline stages, and whether the main_grad tile is
-# loaded before the reduction (its latency under the loop's) or after it; benchmarks/grouped_wgrad.py times others
-TILE = (128, 128, 32, 8, 3, False)
+# loaded before the reduction (its latency under the loop's) or after it. benchmarks/grouped_wgrad.py on an H200 at the
+# proxy's ~140-160 rows per expert: this tile 3.47 / 1.73 ms for fc1 / fc2 against 4.07 / 2.10 ms for (128, 128, 32,
+# 8, 3, False) and 3.94 / 2.02 ms unfused (benchmarks/results/speed_h200_2026-12-04/12_experts_recompute/)
+TILE = (64, 64, 32, 4, 4, True)
 
 
 def _group_bounds(counts: Optional[list[int]], offsets: Optional[torch.Tensor]) -> list[int]:
@@ -104,18 +106,22 @@ class GroupedLinearWgradAccum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, grouped: Callable, counts: Optional[list[int]], offsets: Optional[torch.Tensor]):
         ctx.save_for_backward(x, weight)
+        # the parameter itself, for its main_grad and flag: under saved-tensor hooks (qnext.megatron.regather, a
+        # non-reentrant checkpoint) the saved weight comes back as a plain tensor without those attributes
+        ctx.param = weight
         ctx.grouped, ctx.counts, ctx.offsets = grouped, counts, offsets
         return grouped(x, weight, counts, offsets)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        param = ctx.param
         grad = grad.contiguous()
         dx = ctx.grouped(grad, weight.transpose(-2, -1), ctx.counts, ctx.offsets) if ctx.needs_input_grad[0] else None
-        wgrad_accum(x, grad, ctx.counts, ctx.offsets, weight.main_grad)
+        wgrad_accum(x, grad, ctx.counts, ctx.offsets, param.main_grad)
         # megatron's convention for fused weight gradients (tensor_parallel.layers): the DDP hook sees the flag and
         # drops the uninitialised gradient (allocated, never written) without adding it
-        weight.grad_added_to_main_grad = True
+        param.grad_added_to_main_grad = True
         dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, requires_grad=False)
         return dx, dw, None, None, None
 
