@@ -294,9 +294,9 @@ class GroupedGemmExperts(MegatronModule):
             counts = [int(c) for c in (t.tolist() if isinstance(t, torch.Tensor) else t)]
         if self.recompute_experts and torch.is_grad_enabled():
             # parallel.recompute=experts: nothing of the routed experts is kept for the backward but their input's
-            # source (the MoE block's input, kept anyway) and the routing; the backward gathers, runs fc1 and the
-            # activation again and (its saved tensors being stored before its GEMM) stops short of fc2's forward
-            # where the weight gradient is fused (torch's grouped GEMM saves after it: fc2 runs again there)
+            # source (the MoE block's input, kept anyway) and the routing; the backward gathers and runs fc1, the
+            # activation and fc2 again (the checkpoint stops after the last saved tensor, and fc2's, fused weight
+            # gradient or not, are saved only once its GEMM has run: autograd packs a Function's after its forward)
             src = gathered_from(x)
             fn, args = (self._routed_from, (src.gather, src.source)) if src is not None else (self._routed, (x,))
             out = torch.utils.checkpoint.checkpoint(fn, *args, probs, counts, offsets, use_reentrant=False,
