@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - torch ships Triton on Linux; elsewhere
 # output tile (out x in), rows per step of the reduction, warps, pipeline stages, and whether the main_grad tile is
 # loaded before the reduction (its latency under the loop's) or after it. benchmarks/grouped_wgrad.py on an H200 at the
 # proxy's ~140-160 rows per expert: this tile 3.47 / 1.73 ms for fc1 / fc2 against 4.07 / 2.10 ms for (128, 128, 32,
-# 8, 3, False) and 3.94 / 2.02 ms unfused (benchmarks/results/speed_h200_2026-12-04/12_experts_recompute/)
+# 8, 3, False) and 3.94 / 2.02 ms unfused (benchmarks/results/speed_h200_2026-12-04/README.md, section 12)
 TILE = (64, 64, 32, 4, 4, True)
 
 
